@@ -1,0 +1,60 @@
+#include "support/test_support.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <stdexcept>
+
+namespace sa_test {
+
+std::filesystem::path data_dir() { return STYLEALIGNED_TEST_DATA; }
+std::filesystem::path golden_dir() { return STYLEALIGNED_GOLDEN_DIR; }
+
+std::filesystem::path scratch_dir(const std::string& name) {
+  auto dir = std::filesystem::path(STYLEALIGNED_TEST_BINARY_DIR) / "scratch" / name;
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+std::filesystem::path fixture(const std::string& relative) {
+  auto local = data_dir() / relative;
+  if (std::filesystem::exists(local)) return local;
+  auto golden = golden_dir() / relative;
+  if (std::filesystem::exists(golden)) return golden;
+  throw std::runtime_error(fmt::format("test fixture '{}' found neither at {} nor at {}", relative, local.string(),
+                                       golden.string()));
+}
+
+nlohmann::json read_json(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot open " + path.string());
+  return nlohmann::json::parse(in);
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected, double atol, double rtol) {
+  if (!actual.defined() || !expected.defined()) return ::testing::AssertionFailure() << "undefined tensor";
+  if (actual.sizes() != expected.sizes()) {
+    return ::testing::AssertionFailure() << "shape " << actual.sizes() << " != expected " << expected.sizes();
+  }
+  if (actual.numel() == 0) return ::testing::AssertionSuccess();
+  auto a = actual.detach().to(at::kCPU).to(at::kDouble).contiguous();
+  auto e = expected.detach().to(at::kCPU).to(at::kDouble).contiguous();
+  auto diff = (a - e).abs();
+  auto bound = atol + rtol * e.abs();
+  auto bad = diff.gt(bound).logical_or(diff.isnan());
+  double max_diff = diff.masked_fill(diff.isnan(), INFINITY).max().item<double>();
+  int64_t n_bad = bad.sum().item<int64_t>();
+  if (n_bad == 0) return ::testing::AssertionSuccess() << "max abs diff " << max_diff;
+  int64_t worst = diff.masked_fill(diff.isnan(), INFINITY).flatten().argmax().item<int64_t>();
+  return ::testing::AssertionFailure() << fmt::format(
+             "{} of {} elements differ beyond atol {} rtol {}; max abs diff {:.3g} at flat index {} (actual {:.8g}, "
+             "expected {:.8g})",
+             n_bad, a.numel(), atol, rtol, max_diff, worst, a.flatten()[worst].item<double>(),
+             e.flatten()[worst].item<double>());
+}
+
+}  // namespace sa_test

@@ -1,0 +1,35 @@
+// Shared helpers of the test executables: fixture lookup and tensor comparison with readable failures.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace sa_test {
+
+/// tests/data in the source tree.
+std::filesystem::path data_dir();
+/// The shared golden folder (../shared/golden next to the clone unless configured otherwise). May not exist.
+std::filesystem::path golden_dir();
+/// A scratch folder for this test binary, created on demand, under the build tree.
+std::filesystem::path scratch_dir(const std::string& name);
+
+/// `tests/data/<relative>` when present, else `<golden>/<relative>`; throws std::runtime_error naming both when
+/// neither exists (so a test fails instead of skipping).
+std::filesystem::path fixture(const std::string& relative);
+
+nlohmann::json read_json(const std::filesystem::path& path);
+
+/// Element-wise |actual - expected| <= atol + rtol * |expected| (NaN never passes; shapes must match).
+::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected, double atol,
+                                    double rtol = 0.0);
+/// max |a - b| as double (both converted to float64).
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace sa_test
+
+#define EXPECT_ALLCLOSE(actual, expected, atol) EXPECT_TRUE(::sa_test::AllClose((actual), (expected), (atol)))
+#define ASSERT_ALLCLOSE(actual, expected, atol) ASSERT_TRUE(::sa_test::AllClose((actual), (expected), (atol)))
