@@ -17,7 +17,7 @@ std::filesystem::path scratch_dir(const std::string& name) {
 }
 
 std::filesystem::path fixture(const std::string& relative) {
-  auto local = data_dir() / relative;
+  auto local = data_dir() / "golden" / relative;
   if (std::filesystem::exists(local)) return local;
   auto golden = golden_dir() / relative;
   if (std::filesystem::exists(golden)) return golden;

@@ -17,7 +17,7 @@ std::filesystem::path golden_dir();
 /// A scratch folder for this test binary, created on demand, under the build tree.
 std::filesystem::path scratch_dir(const std::string& name);
 
-/// `tests/data/<relative>` when present, else `<golden>/<relative>`; throws std::runtime_error naming both when
+/// `tests/data/golden/<relative>` when present, else `<golden>/<relative>`; throws std::runtime_error naming both when
 /// neither exists (so a test fails instead of skipping).
 std::filesystem::path fixture(const std::string& relative);
 
