@@ -11,7 +11,7 @@
 
 #include "stylealigned/error.h"
 
-namespace stylealigned::models::detail {
+namespace stylealigned::models::cfg {
 
 /// A parsed config object. Every accessor returns the given default when the key is absent or null (diffusers'
 /// behaviour for keys an older writer did not know), and throws stylealigned::Error naming the source and key when
@@ -114,4 +114,4 @@ class JsonConfig {
   nlohmann::json json_;
 };
 
-}  // namespace stylealigned::models::detail
+}  // namespace stylealigned::models::cfg

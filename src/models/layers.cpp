@@ -8,7 +8,7 @@
 
 #include "stylealigned/error.h"
 
-namespace stylealigned::models::detail {
+namespace stylealigned::models::layers {
 
 namespace {
 thread_local bool placeholder_parameters = false;
@@ -19,34 +19,57 @@ PlaceholderParametersGuard::PlaceholderParametersGuard() : previous_(placeholder
 }
 PlaceholderParametersGuard::~PlaceholderParametersGuard() { placeholder_parameters = previous_; }
 
-void maybe_use_placeholders(torch::nn::Module& module) {
-  if (!placeholder_parameters) return;
-  at::NoGradGuard no_grad;
-  for (auto& p : module.parameters(/*recurse=*/false)) {
-    p.set_data(at::zeros({}, p.options()).expand(p.sizes()));
-  }
+at::Tensor new_parameter(at::IntArrayRef shape, const std::function<void(at::Tensor&)>& fill) {
+  if (placeholder_parameters) return at::zeros({}).expand(shape);
+  at::Tensor t = at::empty(shape);
+  fill(t);
+  return t;
 }
 
-torch::nn::Conv2d make_conv(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t padding) {
-  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(in, out, kernel)
-                             .stride(stride)
-                             .padding(padding < 0 ? (kernel - 1) / 2 : padding)
-                             .bias(true));
-  maybe_use_placeholders(*conv);
-  return conv;
+namespace {
+// PyTorch's default for Linear and Conv2d (kaiming_uniform_ with a = sqrt(5), and the matching bias bound): both
+// reduce to U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+std::function<void(at::Tensor&)> default_uniform(int64_t fan_in) {
+  const double bound = fan_in > 0 ? 1.0 / std::sqrt(static_cast<double>(fan_in)) : 0.0;
+  return [bound](at::Tensor& t) { t.uniform_(-bound, bound); };
+}
+void fill_ones(at::Tensor& t) { t.fill_(1.0); }
+void fill_zeros(at::Tensor& t) { t.zero_(); }
+}  // namespace
+
+LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias) : torch::nn::Module("Linear") {
+  weight = register_parameter("weight", new_parameter({out_features, in_features}, default_uniform(in_features)));
+  if (with_bias) bias = register_parameter("bias", new_parameter({out_features}, default_uniform(in_features)));
 }
 
-torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
-  torch::nn::Linear linear(torch::nn::LinearOptions(in, out).bias(bias));
-  maybe_use_placeholders(*linear);
-  return linear;
+at::Tensor LinearImpl::forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+
+Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding)
+    : torch::nn::Module("Conv2d"), stride_(stride), padding_(padding) {
+  const int64_t fan_in = in_channels * kernel * kernel;
+  weight = register_parameter("weight",
+                              new_parameter({out_channels, in_channels, kernel, kernel}, default_uniform(fan_in)));
+  bias = register_parameter("bias", new_parameter({out_channels}, default_uniform(fan_in)));
 }
 
-torch::nn::LayerNorm make_layer_norm(int64_t dim, double eps) {
-  torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({dim}).eps(eps).elementwise_affine(true));
-  maybe_use_placeholders(*norm);
-  return norm;
+at::Tensor Conv2dImpl::forward(const at::Tensor& x) {
+  return at::conv2d(x, weight, bias, {stride_, stride_}, {padding_, padding_});
 }
+
+LayerNormImpl::LayerNormImpl(int64_t dim, double eps) : torch::nn::Module("LayerNorm"), dim_(dim), eps_(eps) {
+  weight = register_parameter("weight", new_parameter({dim}, fill_ones));
+  bias = register_parameter("bias", new_parameter({dim}, fill_zeros));
+}
+
+at::Tensor LayerNormImpl::forward(const at::Tensor& x) { return at::layer_norm(x, {dim_}, weight, bias, eps_); }
+
+Conv2d make_conv(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t padding) {
+  return Conv2d(in, out, kernel, stride, padding < 0 ? (kernel - 1) / 2 : padding);
+}
+
+Linear make_linear(int64_t in, int64_t out, bool bias) { return Linear(in, out, bias); }
+
+LayerNorm make_layer_norm(int64_t dim, double eps) { return LayerNorm(dim, eps); }
 
 // ---- GroupNorm --------------------------------------------------------------------------------------------------
 
@@ -56,9 +79,8 @@ GroupNormImpl::GroupNormImpl(int64_t groups_, int64_t channels_, double eps_)
     throw Error(fmt::format("GroupNorm: {} channels cannot be split into {} groups (norm_num_groups)", channels,
                             groups));
   }
-  weight = register_parameter("weight", at::ones({channels}));
-  bias = register_parameter("bias", at::zeros({channels}));
-  maybe_use_placeholders(*this);
+  weight = register_parameter("weight", new_parameter({channels}, fill_ones));
+  bias = register_parameter("bias", new_parameter({channels}, fill_zeros));
 }
 
 at::Tensor GroupNormImpl::forward(const at::Tensor& x, const ForwardContext& ctx) {
@@ -297,4 +319,4 @@ at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& x) {
   return linear_2->forward(at::silu(linear_1->forward(x)));
 }
 
-}  // namespace stylealigned::models::detail
+}  // namespace stylealigned::models::layers

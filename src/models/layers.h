@@ -7,12 +7,10 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -21,7 +19,7 @@
 #include "stylealigned/attention.h"
 #include "stylealigned/batch_layout.h"
 
-namespace stylealigned::models::detail {
+namespace stylealigned::models::layers {
 
 /// What one forward pass carries down the blocks; owned by the caller of the model's forward.
 struct ForwardContext {
@@ -39,6 +37,49 @@ class PlaceholderImpl : public torch::nn::Module {
   PlaceholderImpl() : torch::nn::Module("Dropout") {}
 };
 TORCH_MODULE(Placeholder);
+
+// Linear, Conv2d and LayerNorm are our own minimal modules rather than torch::nn's: they compute the same ATen ops
+// (at::linear, at::conv2d, at::layer_norm) with the same parameter names and default initialisation, but can be built
+// without initialising (or even allocating) their weights, which from_pretrained relies on (see
+// PlaceholderParametersGuard): torch::nn's constructors always allocate and randomise.
+
+/// nn.Linear: `weight` [out, in], optional `bias` [out].
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in_features, int64_t out_features, bool bias);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  at::Tensor bias;
+};
+TORCH_MODULE(Linear);
+
+/// nn.Conv2d with square kernel, stride and zero padding: `weight` [out, in, k, k], `bias` [out].
+class Conv2dImpl : public torch::nn::Module {
+ public:
+  Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  at::Tensor bias;
+
+ private:
+  int64_t stride_;
+  int64_t padding_;
+};
+TORCH_MODULE(Conv2d);
+
+/// nn.LayerNorm over the last dimension with affine `weight` and `bias`.
+class LayerNormImpl : public torch::nn::Module {
+ public:
+  LayerNormImpl(int64_t dim, double eps);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  at::Tensor bias;
+
+ private:
+  int64_t dim_;
+  double eps_;
+};
+TORCH_MODULE(LayerNorm);
 
 /// nn.GroupNorm with affine parameters `weight`/`bias`, routed through the context's NormHook when one is set.
 class GroupNormImpl : public torch::nn::Module {
@@ -82,9 +123,9 @@ class AttentionImpl : public torch::nn::Module {
   const std::string& layer_name() const { return layer_name_; }
   AttentionKind kind() const { return kind_; }
 
-  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+  Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
   torch::nn::ModuleList to_out{nullptr};
-  torch::nn::Linear out_proj{nullptr};  ///< to_out.0
+  Linear out_proj{nullptr};  ///< to_out.0
   GroupNorm group_norm{nullptr};
 
  private:
@@ -100,7 +141,7 @@ class GEGLUImpl : public torch::nn::Module {
  public:
   GEGLUImpl(int64_t dim_in, int64_t dim_out);
   at::Tensor forward(const at::Tensor& x);
-  torch::nn::Linear proj{nullptr};
+  Linear proj{nullptr};
 };
 TORCH_MODULE(GEGLU);
 
@@ -111,7 +152,7 @@ class FeedForwardImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
   torch::nn::ModuleList net{nullptr};
   GEGLU geglu{nullptr};
-  torch::nn::Linear out{nullptr};
+  Linear out{nullptr};
 };
 TORCH_MODULE(FeedForward);
 
@@ -123,7 +164,7 @@ class BasicTransformerBlockImpl : public torch::nn::Module {
                             int64_t cross_attention_dim, bool upcast_attention);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const ForwardContext& ctx);
 
-  torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
+  LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   Attention attn1{nullptr}, attn2{nullptr};
   FeedForward ff{nullptr};
 };
@@ -152,8 +193,8 @@ class Transformer2DModelImpl : public torch::nn::Module {
 
   GroupNorm norm{nullptr};
   // proj_in / proj_out: 1x1 convs, or Linears with use_linear_projection (only one pair is set and registered).
-  torch::nn::Conv2d proj_in_conv{nullptr}, proj_out_conv{nullptr};
-  torch::nn::Linear proj_in_linear{nullptr}, proj_out_linear{nullptr};
+  Conv2d proj_in_conv{nullptr}, proj_out_conv{nullptr};
+  Linear proj_in_linear{nullptr}, proj_out_linear{nullptr};
   torch::nn::ModuleList transformer_blocks{nullptr};
   std::vector<BasicTransformerBlock> blocks;
 
@@ -172,8 +213,8 @@ class ResnetBlock2DImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& temb, const ForwardContext& ctx);
 
   GroupNorm norm1{nullptr}, norm2{nullptr};
-  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
-  torch::nn::Linear time_emb_proj{nullptr};
+  Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
+  Linear time_emb_proj{nullptr};
 
  private:
   double output_scale_factor_;
@@ -185,7 +226,7 @@ class Downsample2DImpl : public torch::nn::Module {
  public:
   Downsample2DImpl(int64_t channels, int64_t out_channels, int64_t padding);
   at::Tensor forward(const at::Tensor& x);
-  torch::nn::Conv2d conv{nullptr};
+  Conv2d conv{nullptr};
 
  private:
   int64_t padding_;
@@ -197,7 +238,7 @@ class Upsample2DImpl : public torch::nn::Module {
  public:
   Upsample2DImpl(int64_t channels, int64_t out_channels);
   at::Tensor forward(const at::Tensor& x, std::optional<std::vector<int64_t>> output_size = std::nullopt);
-  torch::nn::Conv2d conv{nullptr};
+  Conv2d conv{nullptr};
 };
 TORCH_MODULE(Upsample2D);
 
@@ -211,18 +252,19 @@ class TimestepEmbeddingImpl : public torch::nn::Module {
  public:
   TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim);
   at::Tensor forward(const at::Tensor& x);
-  torch::nn::Linear linear_1{nullptr}, linear_2{nullptr};
+  Linear linear_1{nullptr}, linear_2{nullptr};
 };
 TORCH_MODULE(TimestepEmbedding);
 
 /// A 2-D conv with "same" padding for odd kernels, bias on.
-torch::nn::Conv2d make_conv(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = -1);
-torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias);
-torch::nn::LayerNorm make_layer_norm(int64_t dim, double eps);
+Conv2d make_conv(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = -1);
+Linear make_linear(int64_t in, int64_t out, bool bias);
+LayerNorm make_layer_norm(int64_t dim, double eps);
 
 /// While alive, modules built on this thread get placeholder parameters (one stored element broadcast to the
 /// right shape) instead of random ones. from_pretrained builds under it because the checkpoint replaces every
-/// parameter anyway: a model of several GB then costs no memory before its weights arrive.
+/// parameter anyway: a model of several GB then costs neither memory nor initialisation time before its weights
+/// arrive.
 class PlaceholderParametersGuard {
  public:
   PlaceholderParametersGuard();
@@ -233,7 +275,7 @@ class PlaceholderParametersGuard {
  private:
   bool previous_;
 };
-/// Replaces the module's own (non-recursive) parameters by placeholders when a guard is alive on this thread.
-void maybe_use_placeholders(torch::nn::Module& module);
+/// A parameter of `shape`: a placeholder under PlaceholderParametersGuard, else `fill` applied to a new tensor.
+at::Tensor new_parameter(at::IntArrayRef shape, const std::function<void(at::Tensor&)>& fill);
 
-}  // namespace stylealigned::models::detail
+}  // namespace stylealigned::models::layers

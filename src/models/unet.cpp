@@ -47,7 +47,7 @@ std::vector<int64_t> per_level(const std::vector<int64_t>& values, size_t levels
 }  // namespace
 
 UNetConfig UNetConfig::from_json(std::string_view json_text, std::string_view source) {
-  const detail::JsonConfig j(json_text, source);
+  const cfg::JsonConfig j(json_text, source);
   UNetConfig c;
 
   // Keys whose non-default values select code paths we do not implement.
@@ -235,6 +235,8 @@ int64_t UNetConfig::time_embed_dim() const {
 // ---- Blocks ------------------------------------------------------------------------------------------------------
 
 namespace detail {
+using namespace layers;
+namespace {  // block types are private to this file
 
 /// What a down, mid or up block needs to build itself (the arguments diffusers' get_down_block/get_up_block pass).
 struct BlockSpec {
@@ -390,15 +392,17 @@ class UNetUpBlockImpl : public torch::nn::Module {
 };
 TORCH_MODULE(UNetUpBlock);
 
+}  // namespace
+
 struct UNetParts {
-  torch::nn::Conv2d conv_in{nullptr};
+  Conv2d conv_in{nullptr};
   TimestepEmbedding time_embedding{nullptr};
   TimestepEmbedding add_embedding{nullptr};
   std::vector<UNetDownBlock> down;
   UNetMidBlock mid{nullptr};
   std::vector<UNetUpBlock> up;
   GroupNorm conv_norm_out{nullptr};
-  torch::nn::Conv2d conv_out{nullptr};
+  Conv2d conv_out{nullptr};
   int64_t num_upsamplers = 0;
 };
 
@@ -615,7 +619,7 @@ UNet2DConditionModel UNet2DConditionModel::from_pretrained(const std::filesystem
   std::shared_ptr<UNet2DConditionModelImpl> impl;
   {
     // The checkpoint overwrites every parameter: do not spend memory on random ones first.
-    detail::PlaceholderParametersGuard placeholders;
+    layers::PlaceholderParametersGuard placeholders;
     impl = std::make_shared<UNet2DConditionModelImpl>(config);
   }
   const auto weights = find_weights(folder, {"diffusion_pytorch_model"}, options.dtype == at::kHalf);

@@ -18,7 +18,7 @@ namespace stylealigned::models {
 // ---- Config ------------------------------------------------------------------------------------------------------
 
 VAEConfig VAEConfig::from_json(std::string_view json_text, std::string_view source) {
-  const detail::JsonConfig j(json_text, source);
+  const cfg::JsonConfig j(json_text, source);
   VAEConfig c;
   j.require("act_fn", {"silu"});
   j.require("norm_type", {"group"});
@@ -96,10 +96,10 @@ at::Tensor DiagonalGaussian::sample(std::optional<at::Generator> generator) cons
 // ---- Blocks ------------------------------------------------------------------------------------------------------
 
 namespace detail {
+using namespace layers;
+namespace {  // block types are private to this file
 
-namespace {
 constexpr double kVaeEps = 1e-6;  // every VAE norm (diffusers hard-codes it in Encoder/Decoder)
-}
 
 /// UNetMidBlock2D as the VAE uses it: resnet, single-head self-attention with group norm and residual, resnet.
 class VAEMidBlockImpl : public torch::nn::Module {
@@ -197,7 +197,7 @@ class EncoderImpl : public torch::nn::Module {
     return conv_out->forward(at::silu(conv_norm_out->forward(h, ctx)));
   }
 
-  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  Conv2d conv_in{nullptr}, conv_out{nullptr};
   std::vector<VAEBlock> blocks;
   VAEMidBlock mid_block{nullptr};
   GroupNorm conv_norm_out{nullptr};
@@ -231,17 +231,19 @@ class DecoderImpl : public torch::nn::Module {
     return conv_out->forward(at::silu(conv_norm_out->forward(h, ctx)));
   }
 
-  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  Conv2d conv_in{nullptr}, conv_out{nullptr};
   VAEMidBlock mid_block{nullptr};
   std::vector<VAEBlock> blocks;
   GroupNorm conv_norm_out{nullptr};
 };
 TORCH_MODULE(Decoder);
 
+}  // namespace
+
 struct VAEParts {
   Encoder encoder{nullptr};
   Decoder decoder{nullptr};
-  torch::nn::Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};
+  Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};
 };
 
 }  // namespace detail
@@ -255,9 +257,9 @@ AutoencoderKLImpl::AutoencoderKLImpl(const VAEConfig& config)
   const int64_t latent = config_.latent_channels;
   p.encoder = register_module("encoder", detail::Encoder(config_));
   p.decoder = register_module("decoder", detail::Decoder(config_));
-  if (config_.use_quant_conv) p.quant_conv = register_module("quant_conv", detail::make_conv(2 * latent, 2 * latent, 1));
+  if (config_.use_quant_conv) p.quant_conv = register_module("quant_conv", layers::make_conv(2 * latent, 2 * latent, 1));
   if (config_.use_post_quant_conv) {
-    p.post_quant_conv = register_module("post_quant_conv", detail::make_conv(latent, latent, 1));
+    p.post_quant_conv = register_module("post_quant_conv", layers::make_conv(latent, latent, 1));
   }
 }
 
@@ -275,7 +277,7 @@ void check_input(const at::Tensor& x, int64_t channels, const char* what) {
 DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& image) {
   check_input(image, config_.in_channels, "encode");
   const BatchLayout layout = BatchLayout::independent(image.size(0));
-  const detail::ForwardContext ctx{layout};
+  const layers::ForwardContext ctx{layout};
   at::Tensor moments = parts_->encoder->forward(image, ctx);
   if (!parts_->quant_conv.is_empty()) moments = parts_->quant_conv->forward(moments);
   auto halves = moments.chunk(2, 1);
@@ -289,7 +291,7 @@ DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& image) {
 at::Tensor AutoencoderKLImpl::decode(const at::Tensor& latents) {
   check_input(latents, config_.latent_channels, "decode");
   const BatchLayout layout = BatchLayout::independent(latents.size(0));
-  const detail::ForwardContext ctx{layout};
+  const layers::ForwardContext ctx{layout};
   at::Tensor z = parts_->post_quant_conv.is_empty() ? latents : parts_->post_quant_conv->forward(latents);
   return parts_->decoder->forward(z, ctx);
 }
@@ -302,7 +304,7 @@ AutoencoderKL AutoencoderKL::from_pretrained(const std::filesystem::path& folder
   const VAEConfig config = VAEConfig::from_file(folder / "config.json");
   std::shared_ptr<AutoencoderKLImpl> impl;
   {
-    detail::PlaceholderParametersGuard placeholders;  // the checkpoint overwrites every parameter
+    layers::PlaceholderParametersGuard placeholders;  // the checkpoint overwrites every parameter
     impl = std::make_shared<AutoencoderKLImpl>(config);
   }
   const auto weights = find_weights(folder, {"diffusion_pytorch_model"}, options.dtype == at::kHalf);
