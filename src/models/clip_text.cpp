@@ -4,11 +4,9 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/normalization.h>
 
 #include <cmath>
+#include <functional>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -112,6 +110,33 @@ void CLIPTextConfig::validate() const {
 // Modules --------------------------------------------------------------------------------------------------------
 
 namespace detail {
+
+// Minimal Linear / LayerNorm / Embedding with libtorch's parameter names. Unlike torch::nn's, they can be built
+// without initialising their weights: from_pretrained overwrites every tensor anyway, and random init of a large
+// encoder would cost seconds and touch (make resident) a full extra copy of the weights before loading starts.
+static at::Tensor new_parameter(at::IntArrayRef shape, bool initialize, const std::function<void(at::Tensor&)>& init) {
+  at::Tensor t = at::empty(shape, at::kFloat);  // untouched pages: no resident memory until written
+  if (initialize) {
+    at::NoGradGuard no_grad;
+    init(t);
+  }
+  return t;
+}
+
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in, int64_t out, bool bias, bool initialize) {
+    const double bound = 1.0 / std::sqrt(double(in));  // torch.nn.Linear's default range
+    auto uniform = [bound](at::Tensor& t) { t.uniform_(-bound, bound); };
+    weight_ = register_parameter("weight", new_parameter({out, in}, initialize, uniform));
+    if (bias) bias_ = register_parameter("bias", new_parameter({out}, initialize, uniform));
+  }
+  at::Tensor forward(const at::Tensor& x) { return at::linear(x, weight_, bias_); }
+
+ private:
+  at::Tensor weight_, bias_;
+};
+
 namespace {
 
 at::Tensor activate(const std::string& kind, const at::Tensor& x) {
@@ -123,13 +148,41 @@ at::Tensor activate(const std::string& kind, const at::Tensor& x) {
   return 0.5 * x * (1.0 + at::tanh(kSqrt2OverPi * (x + 0.044715 * at::pow(x, 3.0))));
 }
 
+class LayerNormImpl : public torch::nn::Module {
+ public:
+  LayerNormImpl(int64_t n, double eps, bool initialize) : eps_(eps) {
+    weight_ = register_parameter("weight", new_parameter({n}, initialize, [](at::Tensor& t) { t.fill_(1.0); }));
+    bias_ = register_parameter("bias", new_parameter({n}, initialize, [](at::Tensor& t) { t.zero_(); }));
+  }
+  at::Tensor forward(const at::Tensor& x) { return at::layer_norm(x, {weight_.size(0)}, weight_, bias_, eps_); }
+
+ private:
+  double eps_;
+  at::Tensor weight_, bias_;
+};
+
+class EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(int64_t count, int64_t dim, bool initialize) {
+    weight_ = register_parameter("weight", new_parameter({count, dim}, initialize, [](at::Tensor& t) {
+      t.normal_(0.0, 0.02);  // transformers' CLIP initializer_range
+    }));
+  }
+  at::Tensor forward(const at::Tensor& ids) { return at::embedding(weight_, ids); }
+  const at::Tensor& weight() const { return weight_; }
+
+ private:
+  at::Tensor weight_;
+};
+
 class CLIPAttentionImpl : public torch::nn::Module {
  public:
-  CLIPAttentionImpl(int64_t hidden, int64_t heads) : heads_(heads), scale_(std::pow(double(hidden / heads), -0.5)) {
-    q_proj_ = register_module("q_proj", torch::nn::Linear(hidden, hidden));
-    k_proj_ = register_module("k_proj", torch::nn::Linear(hidden, hidden));
-    v_proj_ = register_module("v_proj", torch::nn::Linear(hidden, hidden));
-    out_proj_ = register_module("out_proj", torch::nn::Linear(hidden, hidden));
+  CLIPAttentionImpl(int64_t hidden, int64_t heads, bool init)
+      : heads_(heads), scale_(std::pow(double(hidden / heads), -0.5)) {
+    q_proj_ = register_module("q_proj", std::make_shared<LinearImpl>(hidden, hidden, true, init));
+    k_proj_ = register_module("k_proj", std::make_shared<LinearImpl>(hidden, hidden, true, init));
+    v_proj_ = register_module("v_proj", std::make_shared<LinearImpl>(hidden, hidden, true, init));
+    out_proj_ = register_module("out_proj", std::make_shared<LinearImpl>(hidden, hidden, true, init));
   }
 
   // x: [B, T, C]; allowed: bool, broadcastable to [B, heads, T, T], true where a query may attend to a key.
@@ -164,33 +217,35 @@ class CLIPAttentionImpl : public torch::nn::Module {
 
   int64_t heads_;
   double scale_;
-  torch::nn::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, out_proj_{nullptr};
+  std::shared_ptr<LinearImpl> q_proj_, k_proj_, v_proj_, out_proj_;
 };
 
 class CLIPMLPImpl : public torch::nn::Module {
  public:
-  CLIPMLPImpl(int64_t hidden, int64_t intermediate, std::string act) : act_(std::move(act)) {
-    fc1_ = register_module("fc1", torch::nn::Linear(hidden, intermediate));
-    fc2_ = register_module("fc2", torch::nn::Linear(intermediate, hidden));
+  CLIPMLPImpl(int64_t hidden, int64_t intermediate, std::string act, bool init) : act_(std::move(act)) {
+    fc1_ = register_module("fc1", std::make_shared<LinearImpl>(hidden, intermediate, true, init));
+    fc2_ = register_module("fc2", std::make_shared<LinearImpl>(intermediate, hidden, true, init));
   }
   at::Tensor forward(const at::Tensor& x) { return fc2_->forward(activate(act_, fc1_->forward(x))); }
 
  private:
   std::string act_;
-  torch::nn::Linear fc1_{nullptr}, fc2_{nullptr};
+  std::shared_ptr<LinearImpl> fc1_, fc2_;
 };
 
-torch::nn::LayerNorm layer_norm(int64_t hidden, double eps) {
-  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({hidden}).eps(eps));
+std::shared_ptr<LayerNormImpl> layer_norm(const CLIPTextConfig& c, bool init) {
+  return std::make_shared<LayerNormImpl>(c.hidden_size, c.layer_norm_eps, init);
 }
 
 class CLIPEncoderLayerImpl : public torch::nn::Module {
  public:
-  explicit CLIPEncoderLayerImpl(const CLIPTextConfig& c) {
-    self_attn_ = register_module("self_attn", std::make_shared<CLIPAttentionImpl>(c.hidden_size, c.num_attention_heads));
-    layer_norm1_ = register_module("layer_norm1", layer_norm(c.hidden_size, c.layer_norm_eps));
-    mlp_ = register_module("mlp", std::make_shared<CLIPMLPImpl>(c.hidden_size, c.intermediate_size, c.hidden_act));
-    layer_norm2_ = register_module("layer_norm2", layer_norm(c.hidden_size, c.layer_norm_eps));
+  CLIPEncoderLayerImpl(const CLIPTextConfig& c, bool init) {
+    self_attn_ =
+        register_module("self_attn", std::make_shared<CLIPAttentionImpl>(c.hidden_size, c.num_attention_heads, init));
+    layer_norm1_ = register_module("layer_norm1", layer_norm(c, init));
+    mlp_ = register_module("mlp",
+                           std::make_shared<CLIPMLPImpl>(c.hidden_size, c.intermediate_size, c.hidden_act, init));
+    layer_norm2_ = register_module("layer_norm2", layer_norm(c, init));
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& allowed) {
     at::Tensor h = x + self_attn_->forward(layer_norm1_->forward(x), allowed);
@@ -199,34 +254,35 @@ class CLIPEncoderLayerImpl : public torch::nn::Module {
 
  private:
   std::shared_ptr<CLIPAttentionImpl> self_attn_;
-  torch::nn::LayerNorm layer_norm1_{nullptr}, layer_norm2_{nullptr};
+  std::shared_ptr<LayerNormImpl> layer_norm1_, layer_norm2_;
   std::shared_ptr<CLIPMLPImpl> mlp_;
 };
 
 class CLIPEmbeddingsImpl : public torch::nn::Module {
  public:
-  explicit CLIPEmbeddingsImpl(const CLIPTextConfig& c) {
-    token_embedding_ = register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
-    position_embedding_ =
-        register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+  CLIPEmbeddingsImpl(const CLIPTextConfig& c, bool init) {
+    token_embedding_ =
+        register_module("token_embedding", std::make_shared<EmbeddingImpl>(c.vocab_size, c.hidden_size, init));
+    position_embedding_ = register_module(
+        "position_embedding", std::make_shared<EmbeddingImpl>(c.max_position_embeddings, c.hidden_size, init));
   }
   at::Tensor forward(const at::Tensor& input_ids) {
     // Positions are always 0..T-1 in the SD pipelines: take the leading rows instead of an index lookup.
     const int64_t t = input_ids.size(1);
-    return token_embedding_->forward(input_ids) + position_embedding_->weight.narrow(0, 0, t).unsqueeze(0);
+    return token_embedding_->forward(input_ids) + position_embedding_->weight().narrow(0, 0, t).unsqueeze(0);
   }
-  const at::Tensor& token_weight() const { return token_embedding_->weight; }
+  const at::Tensor& token_weight() const { return token_embedding_->weight(); }
 
  private:
-  torch::nn::Embedding token_embedding_{nullptr}, position_embedding_{nullptr};
+  std::shared_ptr<EmbeddingImpl> token_embedding_, position_embedding_;
 };
 
 class CLIPEncoderImpl : public torch::nn::Module {
  public:
-  explicit CLIPEncoderImpl(const CLIPTextConfig& c) {
+  CLIPEncoderImpl(const CLIPTextConfig& c, bool init) {
     auto list = register_module("layers", torch::nn::ModuleList());
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-      layers_.push_back(std::make_shared<CLIPEncoderLayerImpl>(c));
+      layers_.push_back(std::make_shared<CLIPEncoderLayerImpl>(c, init));
       list->push_back(layers_.back());
     }
   }
@@ -240,10 +296,10 @@ class CLIPEncoderImpl : public torch::nn::Module {
 
 class CLIPTextTransformerImpl : public torch::nn::Module {
  public:
-  explicit CLIPTextTransformerImpl(const CLIPTextConfig& c) : config_(c) {
-    embeddings_ = register_module("embeddings", std::make_shared<CLIPEmbeddingsImpl>(c));
-    encoder_ = register_module("encoder", std::make_shared<CLIPEncoderImpl>(c));
-    final_layer_norm_ = register_module("final_layer_norm", layer_norm(c.hidden_size, c.layer_norm_eps));
+  CLIPTextTransformerImpl(const CLIPTextConfig& c, bool init) : config_(c) {
+    embeddings_ = register_module("embeddings", std::make_shared<CLIPEmbeddingsImpl>(c, init));
+    encoder_ = register_module("encoder", std::make_shared<CLIPEncoderImpl>(c, init));
+    final_layer_norm_ = register_module("final_layer_norm", layer_norm(c, init));
   }
 
   CLIPTextOutput forward(const at::Tensor& input_ids, const CLIPTextForwardOptions& options) {
@@ -286,18 +342,18 @@ class CLIPTextTransformerImpl : public torch::nn::Module {
   CLIPTextConfig config_;
   std::shared_ptr<CLIPEmbeddingsImpl> embeddings_;
   std::shared_ptr<CLIPEncoderImpl> encoder_;
-  torch::nn::LayerNorm final_layer_norm_{nullptr};
+  std::shared_ptr<LayerNormImpl> final_layer_norm_;
 };
 
 }  // namespace detail
 
-CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(config) {
+CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config, bool initialize) : config_(config) {
   config_.validate();
-  text_model_ = register_module("text_model", std::make_shared<detail::CLIPTextTransformerImpl>(config_));
+  text_model_ = register_module("text_model", std::make_shared<detail::CLIPTextTransformerImpl>(config_, initialize));
   if (config_.with_projection) {
     text_projection_ = register_module(
         "text_projection",
-        torch::nn::Linear(torch::nn::LinearOptions(config_.hidden_size, config_.projection_dim).bias(false)).ptr());
+        std::make_shared<detail::LinearImpl>(config_.hidden_size, config_.projection_dim, false, initialize));
   }
 }
 
@@ -321,7 +377,7 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids, const CLI
   }
   CLIPTextOutput out = text_model_->forward(ids, options);
   if (text_projection_) {
-    out.text_embeds = text_projection_->as<torch::nn::LinearImpl>()->forward(out.pooler_output);
+    out.text_embeds = text_projection_->forward(out.pooler_output);
   }
   return out;
 }
@@ -331,7 +387,7 @@ std::shared_ptr<CLIPTextModelImpl> CLIPTextModelImpl::from_pretrained(const std:
   const CLIPTextConfig config = CLIPTextConfig::from_file(folder / "config.json");
   const bool low_precision = options.dtype == c10::kHalf || options.dtype == c10::kBFloat16;
   const auto weights = find_weights(folder, {"model"}, /*prefer_fp16=*/low_precision);
-  auto model = std::make_shared<CLIPTextModelImpl>(config);
+  auto model = std::make_shared<CLIPTextModelImpl>(config, /*initialize=*/false);
   LoadOptions load = options;
   // transformers saved position_ids as a persistent buffer before 4.31; we compute positions instead.
   load.ignore.push_back("text_model.embeddings.position_ids");

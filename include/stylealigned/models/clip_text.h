@@ -68,14 +68,17 @@ struct CLIPTextForwardOptions {
 
 namespace detail {
 class CLIPTextTransformerImpl;  // `text_model`: embeddings, encoder, final_layer_norm (defined in the .cpp)
-}
+class LinearImpl;
+}  // namespace detail
 
 /// transformers' CLIPTextModel, and CLIPTextModelWithProjection when config.with_projection is set: one class
 /// because the two differ only by the projection, and a pipeline loading `text_encoder_2` should not need to know
 /// which one the folder holds.
 class CLIPTextModelImpl : public torch::nn::Module {
  public:
-  explicit CLIPTextModelImpl(const CLIPTextConfig& config);
+  /// Random weights when `initialize`; otherwise the parameters are allocated but never written (no memory is made
+  /// resident), for a caller that loads every tensor next, as from_pretrained does.
+  explicit CLIPTextModelImpl(const CLIPTextConfig& config, bool initialize = true);
 
   /// input_ids: [B, T] integer ids, T <= max_position_embeddings. Runs on the module's device and dtype.
   CLIPTextOutput forward(const at::Tensor& input_ids, const CLIPTextForwardOptions& options = {});
@@ -90,7 +93,7 @@ class CLIPTextModelImpl : public torch::nn::Module {
  private:
   CLIPTextConfig config_;
   std::shared_ptr<detail::CLIPTextTransformerImpl> text_model_;
-  std::shared_ptr<torch::nn::Module> text_projection_;  // a bias-free Linear, null without projection
+  std::shared_ptr<detail::LinearImpl> text_projection_;  // bias-free; null without projection
 };
 
 /// Shared-ownership holder in the libtorch style (`CLIPTextModel m(config); m->forward(ids)`).
