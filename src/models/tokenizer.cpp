@@ -218,8 +218,8 @@ TokenizerSettings TokenizerSettings::from_folder(const std::filesystem::path& fo
         warn(fmt::format("{}: model_max_length {} is not a usable length; using {}", file.string(), it->dump(),
                          settings.model_max_length));
       } else {
-        throw Error(fmt::format("{}: 'model_max_length' must be an integer of at least 2, got {}", file.string(),
-                                it->dump()));
+        throw Error(
+            fmt::format("{}: 'model_max_length' must be an integer of at least 2, got {}", file.string(), it->dump()));
       }
     }
     if (auto it = j.find("clean_up_tokenization_spaces"); it != j.end() && !it->is_null()) {
@@ -273,7 +273,7 @@ struct ClipTokenizer::Impl {
   std::unordered_map<uint64_t, Merge> merges;  // (left id << 32 | right id) -> rank and id of the merged symbol
 
   std::vector<std::pair<std::string, int32_t>> added;  // matched before normalisation, longest first
-  std::vector<bool> is_special;                         // by id: skipped by decode(skip_special_tokens)
+  std::vector<bool> is_special;                        // by id: skipped by decode(skip_special_tokens)
   int32_t bos = 0, eos = 0, pad = 0, unk = 0;
   int32_t startoftext = -1, endoftext = -1;  // the pattern's two literal specials
 
@@ -369,9 +369,10 @@ void ClipTokenizer::Impl::load_vocab(const fs::path& path) {
     byte_id[b] = id_of(symbol);
     byte_end_id[b] = id_of(symbol + "</w>");
     if (byte_id[b] < 0 || byte_end_id[b] < 0) {
-      throw Error(fmt::format("{}: not a byte-level BPE vocabulary: the symbol '{}' of byte 0x{:02x} (or '{}</w>') is "
-                              "missing",
-                              path.string(), symbol, b, symbol));
+      throw Error(
+          fmt::format("{}: not a byte-level BPE vocabulary: the symbol '{}' of byte 0x{:02x} (or '{}</w>') is "
+                      "missing",
+                      path.string(), symbol, b, symbol));
     }
     symbol_to_byte[table[b]] = static_cast<int16_t>(b);
   }
@@ -383,6 +384,7 @@ void ClipTokenizer::Impl::load_merges(const fs::path& path) {
   std::string_view rest(text);
   size_t line_no = 0;
   int32_t rank = 0;
+  std::string lookup;
   while (!rest.empty() && static_cast<size_t>(rank) < kMaxMerges) {
     size_t eol = rest.find('\n');
     std::string_view line = rest.substr(0, eol);
@@ -392,27 +394,31 @@ void ClipTokenizer::Impl::load_merges(const fs::path& path) {
     if (line_no == 1 && line.rfind("#version", 0) == 0) continue;
     if (line.find_first_not_of(" \t") == std::string_view::npos) continue;
 
-    // Two fields separated by whitespace.
-    std::vector<std::string_view> fields;
-    size_t pos = 0;
-    while (pos < line.size()) {
-      size_t begin = line.find_first_not_of(" \t", pos);
-      if (begin == std::string_view::npos) break;
-      size_t end = line.find_first_of(" \t", begin);
-      fields.push_back(line.substr(begin, end == std::string_view::npos ? std::string_view::npos : end - begin));
-      pos = end == std::string_view::npos ? line.size() : end;
+    // Exactly two symbols separated by blanks.
+    const char* const kBlank = " \t";
+    size_t a_begin = line.find_first_not_of(kBlank);
+    size_t a_end = line.find_first_of(kBlank, a_begin);
+    size_t b_begin = line.find_first_not_of(kBlank, a_end);
+    size_t b_end = b_begin == std::string_view::npos ? b_begin : line.find_first_of(kBlank, b_begin);
+    if (b_begin == std::string_view::npos ||
+        (b_end != std::string_view::npos && line.find_first_not_of(kBlank, b_end) != std::string_view::npos)) {
+      throw Error(
+          fmt::format("{}:{}: expected two symbols separated by a space, got '{}'", path.string(), line_no, line));
     }
-    if (fields.size() != 2) {
-      throw Error(fmt::format("{}:{}: expected two symbols separated by a space, got '{}'", path.string(), line_no,
-                              line));
-    }
-    std::string left(fields[0]), right(fields[1]);
-    int32_t a = id_of(left), b = id_of(right), merged = id_of(left + right);
-    for (auto [id, name] : {std::pair{a, left}, std::pair{b, right}, std::pair{merged, left + right}}) {
-      if (id < 0) {
-        throw Error(fmt::format("{}:{}: merge '{} {}' refers to '{}', which is not in {}", path.string(), line_no,
-                                left, right, name, vocab_path.string()));
-      }
+    std::string_view left = line.substr(a_begin, a_end - a_begin);
+    std::string_view right = line.substr(b_begin, b_end == std::string_view::npos ? b_end : b_end - b_begin);
+    // One reused buffer for the lookups: allocating three strings per line made loading ten times slower.
+    lookup.assign(left);
+    const int32_t a = id_of(lookup);
+    lookup.append(right);
+    const int32_t merged = id_of(lookup);
+    lookup.assign(right);
+    const int32_t b = id_of(lookup);
+    if (a < 0 || b < 0 || merged < 0) {
+      std::string missing = a < 0 ? std::string(left) : std::string(right);
+      if (a >= 0 && b >= 0) missing = std::string(left) + missing;
+      throw Error(fmt::format("{}:{}: merge '{} {}' refers to '{}', which is not in {}", path.string(), line_no, left,
+                              right, missing, vocab_path.string()));
     }
     // A repeated pair takes its last rank, as transformers' dict does.
     merges[(static_cast<uint64_t>(a) << 32) | static_cast<uint32_t>(b)] = Merge{rank++, merged};
@@ -431,8 +437,8 @@ void ClipTokenizer::Impl::resolve_specials() {
     }
     if (static_cast<size_t>(id) >= id_to_token.size()) id_to_token.resize(id + 1);
     if (!id_to_token[id].empty() && id_to_token[id] != content) {
-      throw Error(fmt::format("{}: added token '{}' takes id {}, which is '{}' in the vocabulary",
-                              vocab_path.string(), content, id, id_to_token[id]));
+      throw Error(fmt::format("{}: added token '{}' takes id {}, which is '{}' in the vocabulary", vocab_path.string(),
+                              content, id, id_to_token[id]));
     }
     id_to_token[id] = content;
     vocab[content] = static_cast<int32_t>(id);
@@ -450,8 +456,8 @@ void ClipTokenizer::Impl::resolve_specials() {
   unk = special_id(settings.unk_token, "unk_token");
   pad = special_id(settings.pad_token, "pad_token");
   if (settings.model_max_length < 2) {
-    throw Error(fmt::format("tokenizer settings: model_max_length must be at least 2, got {}",
-                            settings.model_max_length));
+    throw Error(
+        fmt::format("tokenizer settings: model_max_length must be at least 2, got {}", settings.model_max_length));
   }
   startoftext = id_of("<|startoftext|>");
   endoftext = id_of("<|endoftext|>");
@@ -477,8 +483,8 @@ void ClipTokenizer::Impl::resolve_specials() {
 void ClipTokenizer::Impl::compile_pattern() {
   UErrorCode status = U_ZERO_ERROR;
   UParseError parse_error{};
-  pattern.reset(icu::RegexPattern::compile(icu::UnicodeString(kClipPattern), UREGEX_CASE_INSENSITIVE, parse_error,
-                                           status));
+  pattern.reset(
+      icu::RegexPattern::compile(icu::UnicodeString(kClipPattern), UREGEX_CASE_INSENSITIVE, parse_error, status));
   if (U_FAILURE(status)) throw Error(fmt::format("ICU: cannot compile CLIP's pattern: {}", u_errorName(status)));
   nfc = icu::Normalizer2::getNFCInstance(status);
   if (U_FAILURE(status)) throw Error(fmt::format("ICU: no NFC normaliser: {}", u_errorName(status)));
@@ -713,17 +719,17 @@ std::string ClipTokenizer::decode(const std::vector<int64_t>& ids, bool skip_spe
   replace_all(bytes, "</w>", " ");
   // Byte sequences cut inside a character decode to U+FFFD (Python's errors="replace").
   std::string text;
-  icu::UnicodeString::fromUTF8(icu::StringPiece(bytes.data(), static_cast<int32_t>(bytes.size())))
-      .toUTF8String(text);
+  icu::UnicodeString::fromUTF8(icu::StringPiece(bytes.data(), static_cast<int32_t>(bytes.size()))).toUTF8String(text);
   const char* const kSpace = " \t\n\r\f\v";
   size_t begin = text.find_first_not_of(kSpace);
   if (begin == std::string::npos) return {};
   text = text.substr(begin, text.find_last_not_of(kSpace) - begin + 1);
   if (impl.settings.clean_up_tokenization_spaces) {
-    for (auto [from, to] : {std::pair{" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
-                            {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}}) {
-      replace_all(text, from, to);
-    }
+    // transformers' clean_up_tokenization, in its order.
+    static const char* const kCleanUp[][2] = {{" .", "."},     {" ?", "?"},     {" !", "!"},   {" ,", ","},
+                                              {" ' ", "'"},    {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"},
+                                              {" 've", "'ve"}, {" 're", "'re"}};
+    for (const auto& rule : kCleanUp) replace_all(text, rule[0], rule[1]);
   }
   return text;
 }
