@@ -64,6 +64,7 @@ class SafetensorsFile {
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
+  uint64_t data_begin_ = 0;  ///< absolute offset of the data section
 };
 
 /// A model checkpoint: a single safetensors file or the shards named by a `*.safetensors.index.json`.
