@@ -1,6 +1,7 @@
 // UNet2DConditionModel: parameter names, processor order, config parsing and errors, hooks, and parity with
 // diffusers 0.25.1 on the tiny SD1.5 / SDXL golden models (plain and with StyleAligned installed).
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -10,8 +11,8 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <tuple>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "models/layers.h"
@@ -47,30 +48,12 @@ std::vector<json> cases_of_kind(const std::string& kind) {
 
 fs::path unet_folder(const std::string& model) { return sa_test::fixture("models/" + model + "/unet"); }
 
-// Copies every checkpoint tensor into the parameter of the same name, checking that the two name sets and all shapes
-// agree (a local stand-in for models::load_weights, so these tests depend on nothing but the safetensors reader).
-void load_checkpoint(torch::nn::Module& module, const fs::path& file) {
-  auto ckpt = stylealigned::io::SafetensorsFile::open(file);
-  at::NoGradGuard no_grad;
-  std::set<std::string> used;
-  for (auto& item : module.named_parameters()) {
-    ASSERT_TRUE(ckpt.contains(item.key())) << "parameter missing from " << file << ": " << item.key();
-    at::Tensor source = ckpt.tensor(item.key());
-    ASSERT_EQ(source.sizes(), item.value().sizes()) << item.key();
-    item.value().copy_(source);
-    used.insert(item.key());
-  }
-  for (const auto& info : ckpt.tensors()) EXPECT_EQ(used.count(info.name), 1u) << "unused tensor " << info.name;
-}
-
 // One loaded model per golden folder, shared by the tests (building and loading is the slow part).
 UNet2DConditionModel& golden_unet(const std::string& model) {
   static std::map<std::string, UNet2DConditionModel> models;
   auto it = models.find(model);
   if (it == models.end()) {
-    auto folder = unet_folder(model);
-    auto unet = UNet2DConditionModel::from_config(UNetConfig::from_file(folder / "config.json"));
-    load_checkpoint(*unet, folder / "diffusion_pytorch_model.safetensors");
+    auto unet = UNet2DConditionModel::from_pretrained(unet_folder(model));
     unet->eval();
     it = models.emplace(model, unet).first;
   }
@@ -81,7 +64,8 @@ at::Tensor golden_tensor(const json& c, const json& ref) {
   static std::map<std::string, stylealigned::io::SafetensorsFile> files;
   const std::string file = c.at("file");
   auto it = files.find(file);
-  if (it == files.end()) it = files.emplace(file, stylealigned::io::SafetensorsFile::open(sa_test::fixture(file))).first;
+  if (it == files.end())
+    it = files.emplace(file, stylealigned::io::SafetensorsFile::open(sa_test::fixture(file))).first;
   return it->second.tensor(ref.at("key").get<std::string>());
 }
 
@@ -113,7 +97,8 @@ void expect_error(Fn&& fn, const std::vector<std::string>& needles) {
     ADD_FAILURE() << "no stylealigned::Error thrown";
   } catch (const Error& e) {
     const std::string msg = e.what();
-    for (const auto& needle : needles) EXPECT_NE(msg.find(needle), std::string::npos) << "'" << needle << "' not in: " << msg;
+    for (const auto& needle : needles)
+      EXPECT_NE(msg.find(needle), std::string::npos) << "'" << needle << "' not in: " << msg;
   }
 }
 
@@ -168,6 +153,38 @@ TEST(unet, parameter_names_and_shapes_equal_the_checkpoint) {
     EXPECT_EQ(actual, expected) << model;
     EXPECT_EQ(unet->named_buffers().size(), 0u);
   }
+}
+
+TEST(unet, from_pretrained_loads_every_checkpoint_tensor) {
+  for (const std::string model : {"sd15_tiny", "sdxl_tiny"}) {
+    auto& unet = golden_unet(model);
+    auto ckpt = stylealigned::io::SafetensorsFile::open(unet_folder(model) / "diffusion_pytorch_model.safetensors");
+    size_t n = 0;
+    for (const auto& item : unet->named_parameters()) {
+      const at::Tensor& p = item.value();
+      EXPECT_TRUE(p.is_contiguous()) << item.key();  // a real tensor, not the pre-load placeholder
+      EXPECT_EQ(p.storage().nbytes(), static_cast<size_t>(p.numel()) * sizeof(float)) << item.key();
+      EXPECT_TRUE(p.equal(ckpt.tensor(item.key()))) << item.key();
+      ++n;
+    }
+    EXPECT_EQ(n, ckpt.tensors().size());
+    EXPECT_EQ(unet->config().block_out_channels,
+              UNetConfig::from_file(unet_folder(model) / "config.json").block_out_channels);
+  }
+}
+
+TEST(unet, from_pretrained_errors_name_the_file_and_tensors) {
+  const fs::path empty = sa_test::scratch_dir("unet_empty");
+  expect_error([&] { UNet2DConditionModel::from_pretrained(empty); }, {(empty / "config.json").string()});
+  // SD1.5 config with SDXL weights: every mismatch is reported by name.
+  const fs::path mixed = sa_test::scratch_dir("unet_mixed");
+  fs::copy_file(unet_folder("sd15_tiny") / "config.json", mixed / "config.json", fs::copy_options::overwrite_existing);
+  fs::remove(mixed / "diffusion_pytorch_model.safetensors");
+  fs::create_symlink(unet_folder("sdxl_tiny") / "diffusion_pytorch_model.safetensors",
+                     mixed / "diffusion_pytorch_model.safetensors");
+  expect_error([&] { UNet2DConditionModel::from_pretrained(mixed); },
+               {"diffusion_pytorch_model.safetensors", "add_embedding.linear_1.weight",
+                "down_blocks.0.attentions.0.norm.weight"});
 }
 
 TEST(unet, processor_layers_follow_diffusers_attn_processors_order) {
@@ -265,10 +282,12 @@ TEST(unet_config, unsupported_values_name_the_key) {
     SCOPED_TRACE(key + " = " + value.dump());
     expect_error([&] { UNetConfig::from_json(with(key, value), "cfg.json"); }, {"cfg.json", key});
   }
-  expect_error([&] { UNetConfig::from_json(with("down_block_types", json::array({"CrossAttnDownBlock2D",
-                                                                                  "AttnDownBlock2D", "DownBlock2D",
-                                                                                  "DownBlock2D"}))); },
-               {"down_block_types", "AttnDownBlock2D"});
+  expect_error(
+      [&] {
+        UNetConfig::from_json(with("down_block_types", json::array({"CrossAttnDownBlock2D", "AttnDownBlock2D",
+                                                                    "DownBlock2D", "DownBlock2D"})));
+      },
+      {"down_block_types", "AttnDownBlock2D"});
   expect_error([&] { UNetConfig::from_json(with("layers_per_block", json::array({1, 2}))); }, {"layers_per_block"});
   expect_error([&] { UNetConfig::from_json(with("norm_num_groups", "16")); }, {"norm_num_groups"});
   expect_error([&] { UNetConfig::from_json("[1, 2]", "cfg.json"); }, {"cfg.json"});
@@ -297,7 +316,8 @@ TEST(unet, every_attention_layer_calls_its_processor_with_head_split_tensors) {
   for (const auto& call : recorder->calls) {
     seen.insert(call.layer);
     const bool self = call.layer.size() > 5 && call.layer.substr(call.layer.size() - 5) == "attn1";
-    EXPECT_EQ(call.kind, self ? stylealigned::AttentionKind::self_attention : stylealigned::AttentionKind::cross_attention)
+    EXPECT_EQ(call.kind,
+              self ? stylealigned::AttentionKind::self_attention : stylealigned::AttentionKind::cross_attention)
         << call.layer;
     ASSERT_EQ(call.q.size(), 4u);
     EXPECT_EQ(call.q[0], batch);
@@ -326,6 +346,21 @@ TEST(unet, every_group_norm_goes_through_the_norm_hook) {
   }
   EXPECT_EQ(counter->calls, expected + 1);
   EXPECT_GT(expected, 20);
+}
+
+TEST(unet, timestep_forms_are_equivalent) {
+  // diffusers broadcasts a 0-d or [1] timestep to the batch and embeds integer and float timesteps alike.
+  auto& unet = golden_unet("sd15_tiny");
+  at::NoGradGuard no_grad;
+  const at::Tensor sample = at::randn({2, 4, 8, 8}, at::detail::createCPUGenerator(3));
+  const at::Tensor text = at::randn({2, 5, 24}, at::detail::createCPUGenerator(4));
+  const at::Tensor reference = unet->forward(sample, at::scalar_tensor(500, at::kLong), text);
+  for (const at::Tensor& t :
+       {at::full({1}, 500, at::kLong), at::full({2}, 500, at::kLong), at::scalar_tensor(500.0, at::kFloat),
+        at::full({2}, 500.0, at::kDouble), at::full({2}, 500, at::kInt)}) {
+    EXPECT_TRUE(unet->forward(sample, t, text).equal(reference)) << t;
+  }
+  EXPECT_FALSE(unet->forward(sample, at::tensor({500, 499}, at::kLong), text).equal(reference));
 }
 
 TEST(unet, bad_inputs_are_named) {

@@ -39,28 +39,11 @@ std::vector<json> cases_of_kind(const std::string& kind) {
 
 fs::path vae_folder(const std::string& model) { return sa_test::fixture("models/" + model + "/vae"); }
 
-// Local stand-in for models::load_weights: name sets and shapes must agree exactly.
-void load_checkpoint(torch::nn::Module& module, const fs::path& file) {
-  auto ckpt = stylealigned::io::SafetensorsFile::open(file);
-  at::NoGradGuard no_grad;
-  std::set<std::string> used;
-  for (auto& item : module.named_parameters()) {
-    ASSERT_TRUE(ckpt.contains(item.key())) << "parameter missing from " << file << ": " << item.key();
-    at::Tensor source = ckpt.tensor(item.key());
-    ASSERT_EQ(source.sizes(), item.value().sizes()) << item.key();
-    item.value().copy_(source);
-    used.insert(item.key());
-  }
-  for (const auto& info : ckpt.tensors()) EXPECT_EQ(used.count(info.name), 1u) << "unused tensor " << info.name;
-}
-
 AutoencoderKL& golden_vae(const std::string& model) {
   static std::map<std::string, AutoencoderKL> models;
   auto it = models.find(model);
   if (it == models.end()) {
-    auto folder = vae_folder(model);
-    auto vae = AutoencoderKL::from_config(VAEConfig::from_file(folder / "config.json"));
-    load_checkpoint(*vae, folder / "diffusion_pytorch_model.safetensors");
+    auto vae = AutoencoderKL::from_pretrained(vae_folder(model));
     vae->eval();
     it = models.emplace(model, vae).first;
   }
@@ -71,7 +54,8 @@ at::Tensor golden_tensor(const json& c, const json& ref) {
   static std::map<std::string, stylealigned::io::SafetensorsFile> files;
   const std::string file = c.at("file");
   auto it = files.find(file);
-  if (it == files.end()) it = files.emplace(file, stylealigned::io::SafetensorsFile::open(sa_test::fixture(file))).first;
+  if (it == files.end())
+    it = files.emplace(file, stylealigned::io::SafetensorsFile::open(sa_test::fixture(file))).first;
   return it->second.tensor(ref.at("key").get<std::string>());
 }
 
@@ -93,7 +77,8 @@ void expect_error(Fn&& fn, const std::vector<std::string>& needles) {
     ADD_FAILURE() << "no stylealigned::Error thrown";
   } catch (const Error& e) {
     const std::string msg = e.what();
-    for (const auto& needle : needles) EXPECT_NE(msg.find(needle), std::string::npos) << "'" << needle << "' not in: " << msg;
+    for (const auto& needle : needles)
+      EXPECT_NE(msg.find(needle), std::string::npos) << "'" << needle << "' not in: " << msg;
   }
 }
 
@@ -115,6 +100,22 @@ TEST(vae, parameter_names_and_shapes_equal_the_checkpoint) {
     }
     EXPECT_EQ(actual, expected) << model;
   }
+}
+
+TEST(vae, from_pretrained_loads_every_checkpoint_tensor) {
+  for (const std::string model : {"sd15_tiny", "sdxl_tiny"}) {
+    auto& vae = golden_vae(model);
+    auto ckpt = stylealigned::io::SafetensorsFile::open(vae_folder(model) / "diffusion_pytorch_model.safetensors");
+    size_t n = 0;
+    for (const auto& item : vae->named_parameters()) {
+      EXPECT_EQ(item.value().storage().nbytes(), static_cast<size_t>(item.value().numel()) * sizeof(float))
+          << item.key();
+      EXPECT_TRUE(item.value().equal(ckpt.tensor(item.key()))) << item.key();
+      ++n;
+    }
+    EXPECT_EQ(n, ckpt.tensors().size());
+  }
+  expect_error([&] { AutoencoderKL::from_pretrained(sa_test::scratch_dir("vae_empty")); }, {"config.json"});
 }
 
 TEST(vae_config, golden_configs_parse) {
@@ -140,14 +141,18 @@ TEST(vae_config, unsupported_values_name_the_key) {
     return j.dump();
   };
   expect_error([&] { VAEConfig::from_json(with("act_fn", "gelu"), "vae.json"); }, {"vae.json", "act_fn"});
-  expect_error([&] { VAEConfig::from_json(with("latents_mean", json::array({0.1, 0.2, 0.3, 0.4}))); },
-               {"latents_mean"});
+  expect_error(
+      [&] {
+        VAEConfig::from_json(with("latents_mean", json::array({0.1, 0.2, 0.3, 0.4})));
+      },
+      {"latents_mean"});
   expect_error([&] { VAEConfig::from_json(with("norm_type", "spatial")); }, {"norm_type"});
-  expect_error([&] {
-    VAEConfig::from_json(with("down_block_types", json::array({"DownEncoderBlock2D", "AttnDownEncoderBlock2D",
-                                                                "DownEncoderBlock2D", "DownEncoderBlock2D"})));
-  },
-               {"down_block_types"});
+  expect_error(
+      [&] {
+        VAEConfig::from_json(with("down_block_types", json::array({"DownEncoderBlock2D", "AttnDownEncoderBlock2D",
+                                                                   "DownEncoderBlock2D", "DownEncoderBlock2D"})));
+      },
+      {"down_block_types"});
   expect_error([&] { VAEConfig::from_json(with("norm_num_groups", 5)); }, {"norm_num_groups"});
   expect_error([&] { VAEConfig::from_json(with("layers_per_block", "2")); }, {"layers_per_block"});
 }

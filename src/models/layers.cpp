@@ -47,8 +47,8 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) { return at::linear(x, weigh
 Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding)
     : torch::nn::Module("Conv2d"), stride_(stride), padding_(padding) {
   const int64_t fan_in = in_channels * kernel * kernel;
-  weight = register_parameter("weight",
-                              new_parameter({out_channels, in_channels, kernel, kernel}, default_uniform(fan_in)));
+  weight =
+      register_parameter("weight", new_parameter({out_channels, in_channels, kernel, kernel}, default_uniform(fan_in)));
   bias = register_parameter("bias", new_parameter({out_channels}, default_uniform(fan_in)));
 }
 
@@ -76,8 +76,8 @@ LayerNorm make_layer_norm(int64_t dim, double eps) { return LayerNorm(dim, eps);
 GroupNormImpl::GroupNormImpl(int64_t groups_, int64_t channels_, double eps_)
     : torch::nn::Module("GroupNorm"), groups(groups_), channels(channels_), eps(eps_) {
   if (groups <= 0 || channels % groups != 0) {
-    throw Error(fmt::format("GroupNorm: {} channels cannot be split into {} groups (norm_num_groups)", channels,
-                            groups));
+    throw Error(
+        fmt::format("GroupNorm: {} channels cannot be split into {} groups (norm_num_groups)", channels, groups));
   }
   weight = register_parameter("weight", new_parameter({channels}, fill_ones));
   bias = register_parameter("bias", new_parameter({channels}, fill_zeros));
@@ -215,8 +215,7 @@ std::vector<std::string> Transformer2DModelImpl::attention_layer_names() const {
   return names;
 }
 
-at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor& context,
-                                           const ForwardContext& ctx) {
+at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor& context, const ForwardContext& ctx) {
   const int64_t batch = x.size(0), height = x.size(2), width = x.size(3);
   at::Tensor h = norm->forward(x, ctx);
   // [B, C, H, W] -> [B, H*W, C]; the 1x1 conv runs before, the linear projection after the reshape (as diffusers).
@@ -240,12 +239,13 @@ at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor
 
 // ---- ResNet and resampling --------------------------------------------------------------------------------------
 
-ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels,
-                                     int64_t groups, double eps, double output_scale_factor)
+ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels, int64_t groups,
+                                     double eps, double output_scale_factor)
     : torch::nn::Module("ResnetBlock2D"), output_scale_factor_(output_scale_factor) {
   norm1 = register_module("norm1", GroupNorm(groups, in_channels, eps));
   conv1 = register_module("conv1", make_conv(in_channels, out_channels, 3));
-  if (temb_channels > 0) time_emb_proj = register_module("time_emb_proj", make_linear(temb_channels, out_channels, true));
+  if (temb_channels > 0)
+    time_emb_proj = register_module("time_emb_proj", make_linear(temb_channels, out_channels, true));
   norm2 = register_module("norm2", GroupNorm(groups, out_channels, eps));
   conv2 = register_module("conv2", make_conv(out_channels, out_channels, 3));
   if (in_channels != out_channels) {

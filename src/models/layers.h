@@ -101,8 +101,8 @@ struct AttentionSpec {
   int64_t cross_attention_dim = 0;  ///< 0: self-attention (keys from the queries' input)
   int64_t heads = 8;
   int64_t dim_head = 64;
-  bool bias = false;      ///< to_q/to_k/to_v bias
-  bool out_bias = true;   ///< to_out.0 bias
+  bool bias = false;     ///< to_q/to_k/to_v bias
+  bool out_bias = true;  ///< to_out.0 bias
   bool upcast_attention = false;
   int64_t norm_num_groups = 0;  ///< > 0: a `group_norm` before the projections (VAE mid-block attention)
   double eps = 1e-5;            ///< of group_norm

@@ -190,8 +190,7 @@ UNetConfig UNetConfig::normalized() const {
   }
   c.layers_per_block = per_level(c.layers_per_block, levels, "layers_per_block");
   c.cross_attention_dim = per_level(c.cross_attention_dim, levels, "cross_attention_dim");
-  c.transformer_layers_per_block =
-      per_level(c.transformer_layers_per_block, levels, "transformer_layers_per_block");
+  c.transformer_layers_per_block = per_level(c.transformer_layers_per_block, levels, "transformer_layers_per_block");
   c.num_attention_heads = per_level(c.num_attention_heads, levels, "num_attention_heads (attention_head_dim)");
 
   auto positive = [](int64_t v, const char* field) {
@@ -424,7 +423,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& config)
   p.conv_in = register_module("conv_in", make_conv(c.in_channels, c.block_out_channels[0], c.conv_in_kernel));
   p.time_embedding = register_module("time_embedding", TimestepEmbedding(c.block_out_channels[0], temb));
   if (c.addition_embed_type == "text_time") {
-    p.add_embedding = register_module("add_embedding", TimestepEmbedding(c.projection_class_embeddings_input_dim, temb));
+    p.add_embedding =
+        register_module("add_embedding", TimestepEmbedding(c.projection_class_embeddings_input_dim, temb));
   }
   auto down_blocks = register_module("down_blocks", torch::nn::ModuleList());
   auto up_blocks = register_module("up_blocks", torch::nn::ModuleList());
@@ -515,9 +515,10 @@ namespace {
 void check_rows(const at::Tensor& t, const char* name, int64_t batch, int64_t dims) {
   if (!t.defined()) throw Error(fmt::format("UNet2DConditionModel::forward: {} is missing", name));
   if (t.dim() != dims || t.size(0) != batch) {
-    throw Error(fmt::format("UNet2DConditionModel::forward: {} has shape {}, expected {} dimensions with {} rows "
-                            "(the batch of sample)",
-                            name, fmt::join(t.sizes(), "x"), dims, batch));
+    throw Error(
+        fmt::format("UNet2DConditionModel::forward: {} has shape {}, expected {} dimensions with {} rows "
+                    "(the batch of sample)",
+                    name, fmt::join(t.sizes(), "x"), dims, batch));
   }
 }
 
@@ -532,16 +533,18 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample_in, const 
 
   if (!sample_in.defined() || sample_in.dim() != 4 || sample_in.size(1) != c.in_channels) {
     throw Error(fmt::format("UNet2DConditionModel::forward: sample must be [batch, {}, height, width], got {}",
-                            c.in_channels, sample_in.defined() ? fmt::format("{}", fmt::join(sample_in.sizes(), "x"))
-                                                               : std::string("an undefined tensor")));
+                            c.in_channels,
+                            sample_in.defined() ? fmt::format("{}", fmt::join(sample_in.sizes(), "x"))
+                                                : std::string("an undefined tensor")));
   }
   const int64_t batch = sample_in.size(0);
   check_rows(encoder_hidden_states, "encoder_hidden_states", batch, 3);
   for (size_t i = 0; i < c.down_block_types.size(); ++i) {
     if (c.down_block_types[i] == kCrossAttnDown && encoder_hidden_states.size(2) != c.cross_attention_dim[i]) {
-      throw Error(fmt::format("UNet2DConditionModel::forward: encoder_hidden_states has {} channels, the model's "
-                              "cross_attention_dim is {}",
-                              encoder_hidden_states.size(2), c.cross_attention_dim[i]));
+      throw Error(
+          fmt::format("UNet2DConditionModel::forward: encoder_hidden_states has {} channels, the model's "
+                      "cross_attention_dim is {}",
+                      encoder_hidden_states.size(2), c.cross_attention_dim[i]));
     }
   }
   if (!timestep.defined() || timestep.dim() > 1 || (timestep.numel() != 1 && timestep.numel() != batch)) {
@@ -576,16 +579,16 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample_in, const 
     check_rows(options.time_ids, "time_ids (SDXL micro-conditioning)", batch, 2);
     const int64_t total = options.text_embeds.size(1) + options.time_ids.size(1) * c.addition_time_embed_dim;
     if (total != c.projection_class_embeddings_input_dim) {
-      throw Error(fmt::format("UNet2DConditionModel::forward: text_embeds ({} channels) and time_ids ({} values x {}) "
-                              "give {} inputs, add_embedding expects projection_class_embeddings_input_dim = {}",
-                              options.text_embeds.size(1), options.time_ids.size(1), c.addition_time_embed_dim, total,
-                              c.projection_class_embeddings_input_dim));
+      throw Error(
+          fmt::format("UNet2DConditionModel::forward: text_embeds ({} channels) and time_ids ({} values x {}) "
+                      "give {} inputs, add_embedding expects projection_class_embeddings_input_dim = {}",
+                      options.text_embeds.size(1), options.time_ids.size(1), c.addition_time_embed_dim, total,
+                      c.projection_class_embeddings_input_dim));
     }
     at::Tensor time_embeds = timestep_embedding(options.time_ids.flatten().to(sample.device()),
                                                 c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
                                  .reshape({batch, -1});
-    at::Tensor add_embeds =
-        at::cat({options.text_embeds.to(emb.scalar_type()), time_embeds.to(emb.scalar_type())}, -1);
+    at::Tensor add_embeds = at::cat({options.text_embeds.to(emb.scalar_type()), time_embeds.to(emb.scalar_type())}, -1);
     emb = emb + p.add_embedding->forward(add_embeds);
   }
 

@@ -80,16 +80,17 @@ void VAEConfig::validate() const {
   for (int64_t ch : block_out_channels) {
     positive(ch, "block_out_channels");
     if (ch % norm_num_groups != 0) {
-      throw Error(fmt::format("VAEConfig: block_out_channels {} is not divisible by norm_num_groups {}", ch,
-                              norm_num_groups));
+      throw Error(
+          fmt::format("VAEConfig: block_out_channels {} is not divisible by norm_num_groups {}", ch, norm_num_groups));
     }
   }
-  if (!(scaling_factor > 0.0)) throw Error(fmt::format("VAEConfig: scaling_factor must be positive, got {}", scaling_factor));
+  if (!(scaling_factor > 0.0))
+    throw Error(fmt::format("VAEConfig: scaling_factor must be positive, got {}", scaling_factor));
 }
 
 at::Tensor DiagonalGaussian::sample(std::optional<at::Generator> generator) const {
-  at::Tensor noise = generator ? at::randn(mean.sizes(), *generator, mean.options())
-                               : at::randn(mean.sizes(), mean.options());
+  at::Tensor noise =
+      generator ? at::randn(mean.sizes(), *generator, mean.options()) : at::randn(mean.sizes(), mean.options());
   return mean + std * noise;
 }
 
@@ -141,8 +142,7 @@ TORCH_MODULE(VAEMidBlock);
 /// DownEncoderBlock2D (down = true) or UpDecoderBlock2D (down = false).
 class VAEBlockImpl : public torch::nn::Module {
  public:
-  VAEBlockImpl(bool down, int64_t in_channels, int64_t out_channels, int64_t num_layers, int64_t groups,
-               bool resample)
+  VAEBlockImpl(bool down, int64_t in_channels, int64_t out_channels, int64_t num_layers, int64_t groups, bool resample)
       : torch::nn::Module(down ? "DownEncoderBlock2D" : "UpDecoderBlock2D") {
     auto resnet_list = register_module("resnets", torch::nn::ModuleList());
     for (int64_t i = 0; i < num_layers; ++i) {
@@ -184,8 +184,8 @@ class EncoderImpl : public torch::nn::Module {
       blocks.push_back(VAEBlock(true, input, output, c.layers_per_block, c.norm_num_groups, i + 1 < ch.size()));
       list->push_back(blocks.back());
     }
-    mid_block = register_module("mid_block", VAEMidBlock("encoder.mid_block", ch.back(), c.norm_num_groups,
-                                                         c.mid_block_add_attention));
+    mid_block = register_module(
+        "mid_block", VAEMidBlock("encoder.mid_block", ch.back(), c.norm_num_groups, c.mid_block_add_attention));
     conv_norm_out = register_module("conv_norm_out", GroupNorm(c.norm_num_groups, ch.back(), kVaeEps));
     conv_out = register_module("conv_out", make_conv(ch.back(), 2 * c.latent_channels, 3));
   }
@@ -210,14 +210,13 @@ class DecoderImpl : public torch::nn::Module {
     const std::vector<int64_t> ch(c.block_out_channels.rbegin(), c.block_out_channels.rend());
     conv_in = register_module("conv_in", make_conv(c.latent_channels, ch[0], 3));
     auto list = register_module("up_blocks", torch::nn::ModuleList());
-    mid_block = register_module("mid_block", VAEMidBlock("decoder.mid_block", ch[0], c.norm_num_groups,
-                                                         c.mid_block_add_attention));
+    mid_block = register_module("mid_block",
+                                VAEMidBlock("decoder.mid_block", ch[0], c.norm_num_groups, c.mid_block_add_attention));
     int64_t output = ch[0];
     for (size_t i = 0; i < ch.size(); ++i) {
       const int64_t prev = output;
       output = ch[i];
-      blocks.push_back(
-          VAEBlock(false, prev, output, c.layers_per_block + 1, c.norm_num_groups, i + 1 < ch.size()));
+      blocks.push_back(VAEBlock(false, prev, output, c.layers_per_block + 1, c.norm_num_groups, i + 1 < ch.size()));
       list->push_back(blocks.back());
     }
     conv_norm_out = register_module("conv_norm_out", GroupNorm(c.norm_num_groups, ch.back(), kVaeEps));
@@ -257,7 +256,8 @@ AutoencoderKLImpl::AutoencoderKLImpl(const VAEConfig& config)
   const int64_t latent = config_.latent_channels;
   p.encoder = register_module("encoder", detail::Encoder(config_));
   p.decoder = register_module("decoder", detail::Decoder(config_));
-  if (config_.use_quant_conv) p.quant_conv = register_module("quant_conv", layers::make_conv(2 * latent, 2 * latent, 1));
+  if (config_.use_quant_conv)
+    p.quant_conv = register_module("quant_conv", layers::make_conv(2 * latent, 2 * latent, 1));
   if (config_.use_post_quant_conv) {
     p.post_quant_conv = register_module("post_quant_conv", layers::make_conv(latent, latent, 1));
   }

@@ -41,8 +41,8 @@ struct UNetConfig {
   bool flip_sin_to_cos = true;
   double freq_shift = 0.0;
   /// "CrossAttnDownBlock2D" or "DownBlock2D" per level.
-  std::vector<std::string> down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                               "CrossAttnDownBlock2D", "DownBlock2D"};
+  std::vector<std::string> down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                               "DownBlock2D"};
   /// "UNetMidBlock2DCrossAttn" (the only mid block we implement).
   std::string mid_block_type = "UNetMidBlock2DCrossAttn";
   /// "UpBlock2D" or "CrossAttnUpBlock2D" per level (deepest level first, as in diffusers).
@@ -54,8 +54,8 @@ struct UNetConfig {
   double mid_block_scale_factor = 1.0;
   int64_t norm_num_groups = 32;
   double norm_eps = 1e-5;
-  std::vector<int64_t> cross_attention_dim = {1280};           ///< per level
-  std::vector<int64_t> transformer_layers_per_block = {1};     ///< per level
+  std::vector<int64_t> cross_attention_dim = {1280};        ///< per level
+  std::vector<int64_t> transformer_layers_per_block = {1};  ///< per level
   /// The real number of attention heads per level: config `num_attention_heads`, or else `attention_head_dim`
   /// (diffusers' historical misnaming: SD1.5's `attention_head_dim: 8` means 8 heads).
   std::vector<int64_t> num_attention_heads = {8};
