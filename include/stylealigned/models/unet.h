@@ -69,7 +69,10 @@ struct UNetConfig {
   int64_t conv_in_kernel = 3;
   int64_t conv_out_kernel = 3;
 
-  /// Parses a diffusers unet/config.json text. Missing keys take diffusers' defaults; unknown keys are ignored.
+  /// Parses a diffusers unet/config.json text. Missing keys take diffusers' defaults; unknown keys are ignored, and
+  /// so are keys diffusers itself ignores for the supported block types (resnet_out_scale_factor,
+  /// resnet_skip_time_act, mid_block_only_cross_attention, addition_embed_type_num_heads); a non-zero dropout is
+  /// ignored with a warning (dropout is not implemented).
   /// A key set to something we do not implement (class_embed_type, encoder_hid_dim, time_cond_proj_dim,
   /// attention_type other than "default", dual_cross_attention, only_cross_attention, resnet_time_scale_shift
   /// other than "default", reverse_transformer_layers_per_block, ...) throws stylealigned::Error naming the key,
