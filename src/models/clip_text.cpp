@@ -337,6 +337,7 @@ class CLIPTextTransformerImpl : public torch::nn::Module {
   }
 
   const at::Tensor& token_weight() const { return embeddings_->token_weight(); }
+  at::Tensor final_layer_norm(const at::Tensor& x) { return final_layer_norm_->forward(x); }
 
  private:
   CLIPTextConfig config_;
@@ -380,6 +381,10 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids, const CLI
     out.text_embeds = text_projection_->forward(out.pooler_output);
   }
   return out;
+}
+
+at::Tensor CLIPTextModelImpl::final_layer_norm(const at::Tensor& hidden_state) {
+  return text_model_->final_layer_norm(hidden_state);
 }
 
 std::shared_ptr<CLIPTextModelImpl> CLIPTextModelImpl::from_pretrained(const std::filesystem::path& folder,
