@@ -27,11 +27,11 @@ const Encoders& encoders(const std::string& model) {
   if (it != cache.end()) return it->second;
   const std::string root = "models/" + model;
   const bool xl = model == "sdxl_tiny";
-  Encoders e{models::ClipTokenizer::from_folder(sa_test::tokenizer_folder(root + "/tokenizer")),
-             models::ClipTokenizer::from_folder(
-                 sa_test::tokenizer_folder(root + (xl ? "/tokenizer_2" : "/tokenizer"))),
-             models::CLIPTextModel::from_pretrained(sa_test::fixture(root + "/text_encoder")),
-             models::CLIPTextModel::from_pretrained(sa_test::fixture(root + (xl ? "/text_encoder_2" : "/text_encoder")))};
+  Encoders e{
+      models::ClipTokenizer::from_folder(sa_test::tokenizer_folder(root + "/tokenizer")),
+      models::ClipTokenizer::from_folder(sa_test::tokenizer_folder(root + (xl ? "/tokenizer_2" : "/tokenizer"))),
+      models::CLIPTextModel::from_pretrained(sa_test::fixture(root + "/text_encoder")),
+      models::CLIPTextModel::from_pretrained(sa_test::fixture(root + (xl ? "/text_encoder_2" : "/text_encoder")))};
   return cache.emplace(model, std::move(e)).first->second;
 }
 
@@ -62,8 +62,10 @@ TEST(encode_prompt, matches_diffusers_on_every_golden_case) {
     const auto& in = c.at("inputs");
     const auto& opt = c.at("options");
     models::PromptEncodeOptions options;
-    if (!in.at("negative_prompt").is_null()) options.negative_prompts = in.at("negative_prompt").get<std::vector<std::string>>();
-    if (in.contains("clip_skip") && !in.at("clip_skip").is_null()) options.clip_skip = in.at("clip_skip").get<int64_t>();
+    if (!in.at("negative_prompt").is_null())
+      options.negative_prompts = in.at("negative_prompt").get<std::vector<std::string>>();
+    if (in.contains("clip_skip") && !in.at("clip_skip").is_null())
+      options.clip_skip = in.at("clip_skip").get<int64_t>();
     options.do_classifier_free_guidance = opt.at("do_classifier_free_guidance").get<bool>();
     options.num_images_per_prompt = opt.at("num_images_per_prompt").get<int64_t>();
     if (!opt.at("force_zeros_for_empty_prompt").is_null()) {

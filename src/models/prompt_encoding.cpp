@@ -12,8 +12,8 @@ namespace {
 void check_options(const std::vector<std::string>& prompts, const PromptEncodeOptions& options) {
   if (prompts.empty()) throw Error("encode_prompt: no prompts given");
   if (options.num_images_per_prompt < 1) {
-    throw Error(fmt::format("encode_prompt: num_images_per_prompt must be at least 1, got {}",
-                            options.num_images_per_prompt));
+    throw Error(
+        fmt::format("encode_prompt: num_images_per_prompt must be at least 1, got {}", options.num_images_per_prompt));
   }
   if (options.clip_skip && *options.clip_skip < 0) {
     throw Error(fmt::format("encode_prompt: clip_skip must not be negative, got {}", *options.clip_skip));
@@ -98,8 +98,9 @@ PromptEmbeddings encode_prompt_sdxl(const ClipTokenizer& tokenizer, const CLIPTe
                                     const std::vector<std::string>& prompts, const PromptEncodeOptions& options) {
   check_options(prompts, options);
   if (!text_encoder_2->config().with_projection) {
-    throw Error("encode_prompt: text_encoder_2 has no text_projection (expected CLIPTextModelWithProjection), so it "
-                "gives no pooled text embeddings");
+    throw Error(
+        "encode_prompt: text_encoder_2 has no text_projection (expected CLIPTextModelWithProjection), so it "
+        "gives no pooled text embeddings");
   }
   const ClipTokenizer* tokenizers[2] = {&tokenizer, &tokenizer_2};
   CLIPTextModelImpl* encoders[2] = {text_encoder.ptr().get(), text_encoder_2.ptr().get()};
@@ -125,15 +126,16 @@ PromptEmbeddings encode_prompt_sdxl(const ClipTokenizer& tokenizer, const CLIPTe
       e.negative_prompt_embeds = at::zeros_like(e.prompt_embeds);
       e.negative_pooled_prompt_embeds = at::zeros_like(e.pooled_prompt_embeds);
     } else {
-      const std::vector<std::string> negatives =
-          options.negative_prompts ? per_prompt(*options.negative_prompts, n, "negative_prompts")
-                                   : std::vector<std::string>(n, "");
+      const std::vector<std::string> negatives = options.negative_prompts
+                                                     ? per_prompt(*options.negative_prompts, n, "negative_prompts")
+                                                     : std::vector<std::string>(n, "");
       const std::vector<std::string> negatives_2 =
           options.negative_prompts_2 ? per_prompt(*options.negative_prompts_2, n, "negative_prompts_2") : negatives;
       const std::vector<std::string>* neg_texts[2] = {&negatives, &negatives_2};
       parts.clear();
       for (int i = 0; i < 2; ++i) {
-        const CLIPTextOutput out = encoders[i]->forward(tokenizers[i]->encode_batch(*neg_texts[i]), with_hidden_states());
+        const CLIPTextOutput out =
+            encoders[i]->forward(tokenizers[i]->encode_batch(*neg_texts[i]), with_hidden_states());
         parts.push_back(hidden_from_end(out, 2, 0));  // diffusers ignores clip_skip for the negatives
         e.negative_pooled_prompt_embeds = out.text_embeds;
       }

@@ -2,7 +2,8 @@
 // StableDiffusionPipeline.encode_prompt / StableDiffusionXLPipeline.encode_prompt (0.25) compute it.
 //
 //   auto tok = ClipTokenizer::from_folder(dir / "tokenizer"), tok2 = ClipTokenizer::from_folder(dir / "tokenizer_2");
-//   auto te = CLIPTextModel::from_pretrained(dir / "text_encoder"), te2 = CLIPTextModel::from_pretrained(dir / "text_encoder_2");
+//   auto te = CLIPTextModel::from_pretrained(dir / "text_encoder");
+//   auto te2 = CLIPTextModel::from_pretrained(dir / "text_encoder_2");
 //   at::NoGradGuard no_grad;
 //   PromptEmbeddings e = encode_prompt_sdxl(tok, te, tok2, te2, {"a cat", "a dog"});
 //   // UNet batch [negative ; positive]: at::cat({e.negative_prompt_embeds, e.prompt_embeds})
