@@ -1,15 +1,23 @@
 // stylealigned_bench_load: peak memory of loading a model folder, as (peak RSS - RSS before loading) / weights.
 //
-//   stylealigned_bench_load --model models/sdxl_tiny          # the whole pipeline folder
-//   stylealigned_bench_load --unet path/to/unet               # one UNet folder
+//   stylealigned_bench_load --model models/sdxl_tiny              # Pipeline::load of the whole folder
+//   stylealigned_bench_load --model models/sdxl_tiny --breakdown  # each component on its own (see below)
+//   stylealigned_bench_load --unet path/to/unet                   # one UNet folder
 //   stylealigned_bench_load --write-random-unet sd15 --out /tmp/sd15_unet   # make a full-size random UNet folder
+//
+// Each run measures one thing in a fresh process: the pipeline's increase is never measured after other loads (their
+// freed memory would be reused and hide part of the cost). --breakdown loads the components one after the other,
+// resetting the peak before each, and prints each one's peak and retained increase; it gives no pipeline total.
 #include <ATen/ATen.h>
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <chrono>
 #include <fstream>
+#include <optional>
 #include <string>
 
+#include "internal/process_memory.h"
 #include "stylealigned/io/safetensors.h"
 #include "stylealigned/models/clip_text.h"
 #include "stylealigned/models/tokenizer.h"
@@ -19,26 +27,11 @@
 #include "stylealigned/runtime.h"
 
 namespace fs = std::filesystem;
+using stylealigned::internal::MemoryDelta;
+using stylealigned::internal::measure_memory;
+using stylealigned::internal::safetensors_bytes;
 
 namespace {
-
-// VmRSS / VmHWM of this process in MiB.
-double proc_status_mb(const std::string& key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(key + ":", 0) == 0) return std::stod(line.substr(key.size() + 1)) / 1024.0;
-  }
-  return -1;
-}
-
-uint64_t safetensors_bytes(const fs::path& folder) {
-  uint64_t total = 0;
-  for (const auto& e : fs::recursive_directory_iterator(folder)) {
-    if (e.is_regular_file() && e.path().extension() == ".safetensors") total += fs::file_size(e.path());
-  }
-  return total;
-}
 
 // The published SD1.5 / SDXL-base unet/config.json keys our loader reads.
 std::string published_config(const std::string& which) {
@@ -53,12 +46,52 @@ std::string published_config(const std::string& which) {
   throw std::runtime_error("--write-random-unet: only 'sd15' is built in");
 }
 
+void print_total(const MemoryDelta& m, uint64_t bytes) {
+  const double weights_mib = bytes / (1024.0 * 1024.0);
+  fmt::print(
+      "{{\"weights_mb\": {:.2f}, \"rss_before_mb\": {:.1f}, \"peak_rss_mb\": {:.1f}, \"increase_mb\": {:.1f}, "
+      "\"retained_mb\": {:.1f}, \"increase_over_weights\": {:.3f}{}}}\n",
+      weights_mib, m.before_mib, m.peak_mib, m.increase_mib(), m.after_mib - m.before_mib,
+      m.increase_mib() / weights_mib, m.peak_reset ? "" : ", \"warning\": \"peak RSS could not be reset\"");
+}
+
+// Each component of a pipeline folder in turn, kept alive (as the pipeline keeps them) while the next one loads.
+void breakdown(const fs::path& dir) {
+  namespace m = stylealigned::models;
+  std::vector<std::shared_ptr<void>> keep;
+  auto step = [&](const std::string& component, const std::function<std::shared_ptr<void>()>& load) {
+    if (!fs::is_directory(dir / component)) return;
+    const auto start = std::chrono::steady_clock::now();
+    const MemoryDelta d = measure_memory([&] { keep.push_back(load()); });
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    const uint64_t bytes = safetensors_bytes(dir / component);
+    fmt::print(
+        "{{\"component\": \"{}\", \"weights_mb\": {:.2f}, \"peak_increase_mb\": {:.1f}, \"retained_mb\": {:.1f}, "
+        "\"load_ms\": {:.1f}}}\n",
+        component, bytes / (1024.0 * 1024.0), d.increase_mib(), d.after_mib - d.before_mib, ms);
+  };
+  auto tokenizer = [&](const std::string& name) {
+    step(name, [&] { return std::make_shared<m::ClipTokenizer>(m::ClipTokenizer::from_folder(dir / name)); });
+  };
+  auto text_encoder = [&](const std::string& name) {
+    step(name, [&] { return std::shared_ptr<void>(m::CLIPTextModel::from_pretrained(dir / name).ptr()); });
+  };
+  tokenizer("tokenizer");
+  text_encoder("text_encoder");
+  tokenizer("tokenizer_2");
+  text_encoder("text_encoder_2");
+  step("unet", [&] { return std::shared_ptr<void>(m::UNet2DConditionModel::from_pretrained(dir / "unet").ptr()); });
+  step("vae", [&] { return std::shared_ptr<void>(m::AutoencoderKL::from_pretrained(dir / "vae").ptr()); });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"stylealigned_bench_load: peak RSS of loading weights relative to their size"};
   std::string model, unet, write_random, out;
-  app.add_option("--model", model, "a diffusers pipeline folder");
+  bool per_component = false;
+  app.add_option("--model", model, "a diffusers pipeline folder (measures Pipeline::load)");
+  app.add_flag("--breakdown", per_component, "with --model: each component's peak and retained increase instead");
   app.add_option("--unet", unet, "a diffusers unet folder");
   app.add_option("--write-random-unet", write_random, "write a random full-size UNet folder (sd15)");
   app.add_option("--out", out, "output folder for --write-random-unet");
@@ -78,49 +111,21 @@ int main(int argc, char** argv) {
       fmt::print("{{\"written\": \"{}\", \"bytes\": {}}}\n", out, safetensors_bytes(out));
       return 0;
     }
-    // libtorch initialises lazily (thread pools, BLAS and oneDNN buffers): do that first so it is not counted.
-    {
-      auto x = at::randn({1, 8, 16, 16});
-      auto y = at::conv2d(x, at::randn({8, 8, 3, 3}), {}, 1, 1);
-      auto z = at::matmul(y.flatten(1), at::randn({y.flatten(1).size(1), 16}));
-      (void)z.sum().item<float>();
-    }
-    const double before = proc_status_mb("VmRSS");
-    uint64_t bytes = 0;
-    if (!model.empty()) {
-      {
-        // Component by component, to see where memory goes (released again before the whole-pipeline load).
-        namespace m = stylealigned::models;
-        const fs::path dir(model);
-        double last = proc_status_mb("VmRSS");
-        auto step = [&](const char* what) {
-          const double now = proc_status_mb("VmRSS");
-          fmt::print("{{\"component\": \"{}\", \"rss_delta_mb\": {:.1f}}}\n", what, now - last);
-          last = now;
-        };
-        auto tok = m::ClipTokenizer::from_folder(dir / "tokenizer");
-        step("tokenizer");
-        auto te = m::CLIPTextModel::from_pretrained(dir / "text_encoder");
-        step("text_encoder");
-        auto unet_ = m::UNet2DConditionModel::from_pretrained(dir / "unet");
-        step("unet");
-        auto vae = m::AutoencoderKL::from_pretrained(dir / "vae");
-        step("vae");
-      }
-      auto pipe = stylealigned::Pipeline::load(model);
-      bytes = safetensors_bytes(model);
+    stylealigned::internal::warm_up_torch();
+    if (!model.empty() && per_component) {
+      breakdown(model);
+    } else if (!model.empty()) {
+      std::optional<stylealigned::Pipeline> pipe;
+      const MemoryDelta m = measure_memory([&] { pipe.emplace(stylealigned::Pipeline::load(model)); });
+      print_total(m, safetensors_bytes(model));
     } else if (!unet.empty()) {
-      auto m = stylealigned::models::UNet2DConditionModel::from_pretrained(unet);
-      bytes = safetensors_bytes(unet);
+      stylealigned::models::UNet2DConditionModel loaded{nullptr};
+      const MemoryDelta m =
+          measure_memory([&] { loaded = stylealigned::models::UNet2DConditionModel::from_pretrained(unet); });
+      print_total(m, safetensors_bytes(unet));
     } else {
       throw std::runtime_error("give --model, --unet or --write-random-unet");
     }
-    const double peak = proc_status_mb("VmHWM");
-    const double weights_mb = bytes / (1024.0 * 1024.0);
-    fmt::print(
-        "{{\"weights_mb\": {:.2f}, \"rss_before_mb\": {:.1f}, \"peak_rss_mb\": {:.1f}, \"increase_mb\": {:.1f}, "
-        "\"increase_over_weights\": {:.3f}}}\n",
-        weights_mb, before, peak, peak - before, (peak - before) / weights_mb);
   } catch (const std::exception& e) {
     fmt::print(stderr, "stylealigned_bench_load: error: {}\n", e.what());
     return 1;

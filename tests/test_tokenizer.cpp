@@ -1,6 +1,7 @@
 // CLIP tokenizer: exact ids for every golden prompt of the three golden tokenizers (SD1.5, SDXL tokenizer and
 // tokenizer_2), the pad "!" behaviour, decoding, and errors that name the file or prompt position at fault.
 #include <gtest/gtest.h>
+#include <unicode/regex.h>
 
 #include <chrono>
 #include <fstream>
@@ -8,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "models/clip_pretokenizer.h"
 #include "stylealigned/error.h"
 #include "stylealigned/io/safetensors.h"
 #include "stylealigned/models/tokenizer.h"
@@ -239,6 +241,47 @@ TEST_F(TokenizerTest, copies_share_state_across_threads) {
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(mismatches, std::vector<int>(4, 0));
+}
+
+// The hand-written pre-tokenizer gives the matches of ICU's case-insensitive regex (what transformers' pattern was
+// implemented with before) for every code point, alone and between letters, digits, punctuation and an apostrophe.
+TEST(clip_pretokenizer, matches_icu_case_insensitive_regex_for_every_code_point) {
+  UErrorCode status = U_ZERO_ERROR;
+  UParseError parse_error{};
+  std::unique_ptr<icu::RegexPattern> pattern(icu::RegexPattern::compile(
+      icu::UnicodeString(
+          u"<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"),
+      UREGEX_CASE_INSENSITIVE, parse_error, status));
+  ASSERT_TRUE(U_SUCCESS(status)) << u_errorName(status);
+  auto reference = [&](const icu::UnicodeString& text) {
+    std::vector<std::pair<int32_t, int32_t>> matches;
+    UErrorCode s = U_ZERO_ERROR;
+    std::unique_ptr<icu::RegexMatcher> m(pattern->matcher(text, s));
+    while (m->find(s)) matches.emplace_back(m->start(s), m->end(s));
+    return matches;
+  };
+  size_t checked = 0, differing = 0;
+  auto check = [&](const icu::UnicodeString& text) {
+    ++checked;
+    if (stylealigned::models::detail::clip_pretokenize(text) != reference(text) && ++differing <= 20) {
+      std::string utf8;
+      ADD_FAILURE() << "pre-tokenisation differs from ICU's regex for \"" << text.toUTF8String(utf8) << "\"";
+    }
+  };
+  for (UChar32 c = 0; c <= 0x10FFFF; ++c) {
+    if (U_IS_SURROGATE(c)) continue;
+    check(icu::UnicodeString(u"a").append(c).append(u"!"));
+    check(icu::UnicodeString(u"!").append(c).append(u"1"));
+    check(icu::UnicodeString(u"'").append(c).append(u"e"));
+  }
+  // Literals match by full case folding, never ending inside a character's folding.
+  for (const char16_t* text : {u"<|startoftext|>", u"<|STARTOFTEXT|>x", u"<|\uFB06artoftext|>", u"<|endoftext|",
+                               u"IT'S", u"we'LL", u"'\u017F", u"'\uFB05", u"'\u212A", u"''s", u"\u0345\u03B9!\u0345",
+                               u"\u2170\u2171 \u216B", u"\u24D0\u24D1", u"\u01C5ungla", u"e\u0301 x\u0303y"}) {
+    check(icu::UnicodeString(text));
+  }
+  EXPECT_EQ(differing, 0u);
+  EXPECT_GT(checked, 3000000u);
 }
 
 // Errors --------------------------------------------------------------------------------------------------------------

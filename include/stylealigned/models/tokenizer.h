@@ -13,6 +13,8 @@
 //   if (tokenizer.tokenize(prompt).size() > tokenizer.max_length() - 2) stylealigned::warn("prompt truncated");
 //
 // A tokenizer is cheap to copy (copies share the vocabulary and the BPE cache) and safe to use from several threads.
+// Tokenizers loaded from identical vocab.json and merges.txt bytes (SDXL's tokenizer and tokenizer_2) share one
+// vocabulary and merge table in memory, whatever their folders and settings.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -78,7 +80,8 @@ class ClipTokenizer {
   std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = false) const;
 
   /// The vocabulary entry of `id` in its byte-level spelling ("photo</w>", "Ã©"). Throws for an unknown id.
-  const std::string& token(int64_t id) const;
+  /// (A copy: the vocabulary is stored compactly, not as one std::string per token.)
+  std::string token(int64_t id) const;
   /// The id of a vocabulary entry or added token, if any.
   std::optional<int64_t> token_id(std::string_view token) const;
 

@@ -1,0 +1,72 @@
+// Peak resident memory of one piece of work in this process (Linux /proc), for the load benchmark and the load
+// memory test (issue 3: peak RSS while loading minus RSS before loading, against the weights' size). Header-only and
+// not part of the library: only the benchmark and the tests include it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+
+namespace stylealigned::internal {
+
+/// A field of /proc/self/status ("VmRSS", "VmHWM") in MiB; -1 where there is none (not Linux).
+inline double proc_status_mib(const std::string& key) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) return std::stod(line.substr(key.size() + 1)) / 1024.0;
+  }
+  return -1;
+}
+
+/// Sets the peak RSS (VmHWM) back to the current RSS (Linux 4.0+), so a later peak belongs to what ran since.
+inline bool reset_peak_rss() {
+  std::ofstream out("/proc/self/clear_refs");
+  out << "5";
+  out.flush();
+  return out.good();
+}
+
+/// Bytes of every *.safetensors file below `folder` (links followed: the test model folders are made of links).
+inline uint64_t safetensors_bytes(const std::filesystem::path& folder) {
+  namespace fs = std::filesystem;
+  uint64_t total = 0;
+  for (const auto& e : fs::recursive_directory_iterator(folder, fs::directory_options::follow_directory_symlink)) {
+    if (e.path().extension() == ".safetensors" && fs::is_regular_file(e.path())) total += fs::file_size(e.path());
+  }
+  return total;
+}
+
+struct MemoryDelta {
+  double before_mib = 0;  ///< RSS just before the work
+  double peak_mib = 0;    ///< peak RSS during the work
+  double after_mib = 0;   ///< RSS after it
+  bool peak_reset = false;  ///< false: the peak could not be reset and may predate the work
+  double increase_mib() const { return peak_mib - before_mib; }
+};
+
+/// libtorch initialises lazily (thread pools, BLAS and oneDNN buffers); doing that first keeps it out of a
+/// measurement of loading.
+inline void warm_up_torch() {
+  at::Tensor x = at::randn({1, 8, 16, 16});
+  at::Tensor y = at::conv2d(x, at::randn({8, 8, 3, 3}), {}, 1, 1);
+  at::Tensor z = at::matmul(y.flatten(1), at::randn({y.flatten(1).size(1), 16}));
+  (void)z.sum().item<float>();
+}
+
+/// RSS before, peak RSS during and RSS after `work`.
+inline MemoryDelta measure_memory(const std::function<void()>& work) {
+  MemoryDelta m;
+  m.peak_reset = reset_peak_rss();
+  m.before_mib = proc_status_mib("VmRSS");
+  work();
+  m.peak_mib = proc_status_mib("VmHWM");
+  m.after_mib = proc_status_mib("VmRSS");
+  return m;
+}
+
+}  // namespace stylealigned::internal

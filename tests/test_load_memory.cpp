@@ -1,0 +1,48 @@
+// Issue 3: peak RSS while loading the tiny SDXL folder stays under 1.3x the weights' size, measured as DECISIONS.md
+// says (peak RSS while loading minus RSS before loading) in a fresh process: sa_load_memory_probe.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "support/test_support.h"
+
+namespace {
+
+std::string quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+TEST(load_memory, sdxl_tiny_pipeline_peak_under_1_3x_weights) {
+  const std::string folder = sa_test::model_folder("sdxl_tiny").string();
+  const std::string command = quote(STYLEALIGNED_LOAD_MEMORY_PROBE) + " " + quote(folder);
+  FILE* pipe = ::popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr) << command;
+  std::string output;
+  std::array<char, 4096> buffer{};
+  while (size_t n = std::fread(buffer.data(), 1, buffer.size(), pipe)) output.append(buffer.data(), n);
+  const int status = ::pclose(pipe);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << command << "\n" << output;
+
+  const nlohmann::json m = nlohmann::json::parse(output);
+  ASSERT_TRUE(m["peak_reset"].get<bool>()) << "peak RSS could not be reset: the peak would include start-up";
+  const double weights_mb = m["weights_bytes"].get<double>() / (1024.0 * 1024.0);
+  ASSERT_GT(weights_mb, 20.0) << "not the whole tiny SDXL folder (21 MB of safetensors)";
+  const double increase_mb = m["peak_rss_mb"].get<double>() - m["rss_before_mb"].get<double>();
+  const double ratio = increase_mb / weights_mb;
+  std::printf("[ info     ] Pipeline::load(sdxl_tiny): weights %.2f MB, peak RSS increase %.2f MB = %.3fx (bound 1.3x)\n",
+              weights_mb, increase_mb, ratio);
+  RecordProperty("increase_over_weights", std::to_string(ratio));
+  // The bound of the issue itself; the measured value sits well below it (about 1.1x), so allocator noise of a
+  // megabyte or two does not make this flaky.
+  EXPECT_LE(ratio, 1.3) << output;
+  // The pipeline does hold its weights once loaded: a measurement that saw nothing would be broken, not good.
+  EXPECT_GE(m["rss_after_mb"].get<double>() - m["rss_before_mb"].get<double>(), 0.8 * weights_mb) << output;
+}
+
+}  // namespace
