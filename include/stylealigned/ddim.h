@@ -45,8 +45,11 @@ struct SchedulerConfig {
   bool rescale_betas_zero_snr = false;
 
   /// Parses a scheduler_config.json text. `source` names the file in error messages. Unknown keys are ignored with
-  /// one warning listing them (diffusers does the same); invalid values (unknown schedule or spacing, a
-  /// non-positive step count, wrong JSON types) throw stylealigned::Error naming the key.
+  /// one warning listing them (diffusers does the same); keys starting with '_' are diffusers' metadata and ignored
+  /// silently. Invalid values (unknown schedule or spacing, a non-positive step count, wrong JSON types,
+  /// trained_betas of the wrong length) throw stylealigned::Error naming the key and `source`. `null` for
+  /// trained_betas means "not given". DDIMInverseScheduler's deprecated `set_alpha_to_zero` is read as
+  /// set_alpha_to_one (with a warning), for either scheduler.
   static SchedulerConfig from_json(std::string_view json_text, std::string_view source = "scheduler config");
   static SchedulerConfig from_file(const std::filesystem::path& path);
   /// The constructor the official StyleAligned notebooks use: scaled_linear 0.00085..0.012, no clipping,
@@ -97,19 +100,23 @@ class DDIMScheduler {
   /// ᾱ used as "previous" at the last step: 1 if set_alpha_to_one, else ᾱ[0].
   double final_alpha_cumprod() const { return final_alpha_cumprod_; }
 
-  /// Throws stylealigned::Error for n < 1 or n > num_train_timesteps.
+  /// Throws stylealigned::Error for n < 1 or n > num_train_timesteps, or when a timestep would fall outside
+  /// [0, T) (leading spacing with a large steps_offset). Trailing spacing always yields n timesteps: where numpy's
+  /// float arange gives diffusers an extra final timestep -1 (n = 61, 103, ... for T = 1000), we drop it.
   void set_timesteps(int64_t num_inference_steps);
   int64_t num_inference_steps() const { return num_inference_steps_; }
-  /// Descending int64 tensor, as diffusers' `scheduler.timesteps`.
+  /// Descending int64 tensor (CPU), as diffusers' `scheduler.timesteps`.
   const at::Tensor& timesteps() const { return timesteps_; }
   const std::vector<int64_t>& timestep_list() const { return timestep_list_; }
 
-  /// One DDIM step from timestep t (prev_t = t - T / n, diffusers' rule). Requires set_timesteps.
+  /// One DDIM step from timestep t (prev_t = t - T / n, diffusers' rule). Requires set_timesteps. Throws for t
+  /// outside [0, T), mismatched shapes, eta < 0, or both a generator and variance_noise (even with eta = 0).
   SchedulerStepOutput step(const at::Tensor& model_output, int64_t timestep, const at::Tensor& sample,
                            const DDIMStepOptions& options = {}) const;
 
   /// The official StyleAligned inversion step (`inversion.py` `_next_step`): from level t - T/n to level t, with the
-  /// model evaluated at t; uses ᾱ[t - T/n], or final_alpha_cumprod when that is negative.
+  /// model evaluated at t; uses ᾱ[min(t - T/n, T-1)], or final_alpha_cumprod when that is negative. The official
+  /// code assumes ε-prediction; for v_prediction and sample the output is first converted to x0 and ε.
   at::Tensor inversion_step(const at::Tensor& model_output, int64_t timestep, const at::Tensor& sample) const;
 
   /// sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, with one timestep per batch row (or one for all).
@@ -136,12 +143,14 @@ class DDIMInverseScheduler {
   /// ᾱ of the source level of the first step: 1 if set_alpha_to_one, else ᾱ[0].
   double initial_alpha_cumprod() const { return initial_alpha_cumprod_; }
 
+  /// Ascending timesteps; same errors as DDIMScheduler::set_timesteps.
   void set_timesteps(int64_t num_inference_steps);
   int64_t num_inference_steps() const { return num_inference_steps_; }
   const at::Tensor& timesteps() const { return timesteps_; }
   const std::vector<int64_t>& timestep_list() const { return timestep_list_; }
 
-  /// Moves `sample` from level min(t - T/n, T-1) to level t.
+  /// Moves `sample` from level min(t - T/n, T-1) (initial_alpha_cumprod when negative) to level t. Clips x0 when
+  /// clip_sample is set; no thresholding, no eta (as diffusers).
   SchedulerStepOutput step(const at::Tensor& model_output, int64_t timestep, const at::Tensor& sample) const;
 
  private:

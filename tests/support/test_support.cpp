@@ -31,6 +31,22 @@ nlohmann::json read_json(const std::filesystem::path& path) {
   return nlohmann::json::parse(in);
 }
 
+std::filesystem::path tokenizer_folder(const std::string& relative) {
+  namespace fs = std::filesystem;
+  fs::path folder = scratch_dir("folders") / relative;
+  fs::create_directories(folder);
+  auto copy = [&](const fs::path& from, const char* name) {
+    fs::copy_file(from, folder / name, fs::copy_options::overwrite_existing);
+    // Sources may be read-only (the shared golden folder); the next run must be able to overwrite the copy.
+    fs::permissions(folder / name, fs::perms::owner_write, fs::perm_options::add);
+  };
+  for (const char* name : {"vocab.json", "merges.txt"}) copy(data_dir() / "clip" / name, name);
+  for (const char* name : {"special_tokens_map.json", "tokenizer_config.json"}) {
+    copy(fixture(relative + "/" + name), name);
+  }
+  return folder;
+}
+
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
 }

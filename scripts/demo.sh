@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's main command: installs dependencies, builds, runs the sample tool's main job.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+"$root/scripts/install-deps.sh"
+"$root/scripts/build.sh"
+"${BUILD_DIR:-$root/build}/examples/stylealigned" demo "$@"
