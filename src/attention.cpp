@@ -103,9 +103,7 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
                                double shift, const AttentionOptions& options, bool want_lse, bool upcast) {
   const bool upcast_now = is_reduced_float(q_in.scalar_type()) && (upcast || want_lse || q_in.is_cpu());
   const at::ScalarType compute = upcast_now ? at::kFloat : q_in.scalar_type();
-  // The scale goes into q once (B·H·N·D multiplies) rather than into the GEMM: baddbmm's beta = 0 still reads the
-  // uninitialised block on libtorch's small-matrix path, where 0 · NaN poisons it.
-  const at::Tensor q = q_in.to(compute).mul(scale);
+  const at::Tensor q = q_in.to(compute);
   const at::Tensor k = k_in.to(compute);
   const at::Tensor v = v_in.to(compute);
 
@@ -120,6 +118,8 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
   const BlockShape block = choose_block(heads, nq, nk, options.max_score_elements);
   const bool fused = q.is_cpu() && compute == at::kFloat && detail::fast_exp_rows_available();
   at::Tensor scores_buf = at::empty({block.heads * block.queries * nk}, q.options());
+  at::Tensor q_buf = at::empty({block.heads * block.queries * q.size(3)}, q.options());
+  const at::Tensor scale_t = at::scalar_tensor(scale, q.options());
   at::Tensor max_buf = at::empty({block.heads * block.queries}, q.options());
   at::Tensor sum_buf = at::empty({block.heads * block.queries}, q.options());
 
@@ -134,7 +134,11 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
         const int64_t cn = std::min(block.queries, nq - s);
         const int64_t rows = hn * cn;
         at::Tensor scores = scores_buf.narrow(0, 0, rows * nk).view({hn, cn, nk});
-        at::bmm_out(scores, qh.narrow(1, s, cn), kh);
+        // The scale goes into the query block (cn x d multiplies) rather than into the GEMM: baddbmm's beta = 0
+        // still reads the uninitialised score block on libtorch's small-matrix path, where 0 * NaN poisons it.
+        at::Tensor q_scaled = q_buf.narrow(0, 0, rows * q.size(3)).view({hn, cn, q.size(3)});
+        at::mul_out(q_scaled, qh.narrow(1, s, cn), scale_t);
+        at::bmm_out(scores, q_scaled, kh);
         at::Tensor row_max = max_buf.narrow(0, 0, rows).view({hn, cn, 1});
         at::Tensor row_sum = sum_buf.narrow(0, 0, rows).view({hn, cn, 1});
         if (fused) {
