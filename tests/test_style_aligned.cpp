@@ -368,6 +368,13 @@ TEST(style_aligned, install_follows_only_self_level_in_layer_order) {
   ASSERT_NE(sa, nullptr);
   EXPECT_EQ(sa->options().only_self_level, 0.5);
 
+  // The installed processors compute StyleAligned through the map.
+  const auto qkv = random_qkv(4, 2, 16, 8, 18);
+  const auto layout = BatchLayout::cfg(2);
+  AttentionCall call{layers[2], AttentionKind::self_attention, layout, 0.35};
+  EXPECT_ALLCLOSE(map.at(layers[2]).attend(qkv.q, qkv.k, qkv.v, call),
+                  official_style_aligned(qkv.q, qkv.k, qkv.v, layout, o, 0.35), 1e-5);
+
   // Installing again replaces the previous installation; sdxl_demo shares no norms.
   EXPECT_EQ(install_style_aligned(map, StyleAlignedOptions::sdxl_demo()), nullptr);
   for (int i = 0; i < 16; ++i) EXPECT_EQ(map.at(layers[2 * i]).name(), "style_aligned");
