@@ -8,7 +8,10 @@
 // (the same work per CPU-second of all the process's threads: the fair figure on a shared machine), peak_rss_MiB
 // (process high-water mark, getrusage), tracked_peak_MiB (highest live CPU-allocator bytes during the call above what
 // was live before it: the attention's own working memory, output included). STYLEALIGNED_BENCH_THREADS sets ATen's
-// intra-op threads (default: all hardware threads, as OpenBLAS uses).
+// intra-op threads (default: libtorch's own choice). OpenBLAS runs the GEMMs on its own thread pool either way; with
+// Debian's OpenBLAS (pthreads) and more than one ATen thread, small ATen elementwise ops right after a GEMM can wait
+// for OpenBLAS threads that still spin on the same cores (seen on 2 cores: the merge of two partial results took
+// 35 ms instead of 0.8 ms), so compare both settings on a new machine.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
@@ -16,7 +19,6 @@
 
 #include <cstdlib>
 #include <string>
-#include <thread>
 
 #include "stylealigned/attention.h"
 #include "stylealigned/batch_layout.h"
@@ -156,9 +158,7 @@ BENCHMARK(BM_style_aligned_attention_shift)->Arg(4096)->Unit(benchmark::kMillise
 }  // namespace
 
 int main(int argc, char** argv) {
-  int threads = static_cast<int>(std::thread::hardware_concurrency());
-  if (const char* env = std::getenv("STYLEALIGNED_BENCH_THREADS")) threads = std::atoi(env);
-  if (threads > 0) at::set_num_threads(threads);
+  if (const char* env = std::getenv("STYLEALIGNED_BENCH_THREADS")) at::set_num_threads(std::atoi(env));
   tracker();  // install before any tensor exists
   benchmark::AddCustomContext("aten_threads", std::to_string(at::get_num_threads()));
   benchmark::AddCustomContext("shapes", "batch 8 (2 CFG groups x 4 images), 10 heads x 64, tokens = argument");
