@@ -159,6 +159,18 @@ TEST(attention, lse_and_merge_equal_attention_over_concatenated_keys) {
   }
 }
 
+TEST(attention, lse_of_half_inputs_is_computed_in_float) {
+  at::manual_seed(10);
+  auto q = at::randn({2, 2, 12, 8}).to(at::kHalf), k = at::randn({1, 2, 9, 8}).to(at::kHalf);
+  auto v = at::randn({1, 2, 9, 8}).to(at::kHalf);
+  auto r = attention_with_lse(q, k, v, 0.3, -0.5);
+  EXPECT_EQ(r.out.scalar_type(), at::kFloat);
+  EXPECT_EQ(r.lse.scalar_type(), at::kFloat);
+  auto k2 = k.expand({2, -1, -1, -1}), v2 = v.expand({2, -1, -1, -1});
+  EXPECT_ALLCLOSE(r.out, reference_attention(q, k2, v2, 0.3), 1e-5);
+  EXPECT_ALLCLOSE(r.lse, reference_lse(q, k2, 0.3, -0.5), 1e-5);
+}
+
 TEST(attention, merge_is_stable_for_far_apart_lse) {
   AttentionWithLse a{at::ones({1, 1, 2, 3}), at::tensor({1000.0f, -1000.0f}).view({1, 1, 2})};
   AttentionWithLse b{at::zeros({1, 1, 2, 3}), at::tensor({-1000.0f, 1000.0f}).view({1, 1, 2})};

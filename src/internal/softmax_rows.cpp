@@ -110,7 +110,10 @@ __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows
 }
 
 bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = [] {
+    __builtin_cpu_init();  // may run before libgcc's own initialiser when called from a static constructor
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return has;
 }
 
