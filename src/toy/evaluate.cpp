@@ -1,0 +1,479 @@
+// Evaluators of the toy world: exact image analysis against the world's own definitions (no learned weights).
+//
+// Order of the analysis, each step using the previous ones:
+//   1. palette: the palette whose colour model explains the pixels best. A palette's model is three parts: the
+//      background segment (background .. background_alt in RGB), the fill segment (fill .. fill_alt) and the outline
+//      colour; a pixel's error is its distance to the nearest part, clipped so the blurred edge pixels (mixtures no
+//      palette models) weigh the same for every palette.
+//   2. object mask: pixels nearer the fill segment or the outline colour than the background segment; the largest
+//      4-connected component with its holes filled.
+//   3. object: the silhouette, normalised for position (centroid) and scale (square root of the area), against
+//      templates of every class at every 5 degrees drawn with the renderer's own inside test; best soft IoU wins.
+//   4. outline: share of the silhouette's inner 3-pixel edge nearer the outline colour than to anything else the
+//      palette can produce there (fill, background and their blends).
+//   5. pattern: the fill coordinate (position along the fill segment, 3x3-smoothed against noise) inside the
+//      eroded mask: spread (solid vs the rest), plane fit (gradient), gradient-orientation coherence (stripes vs
+//      checker and dots) and mean (dots cover about a quarter, checker half).
+//   6. background: spread of the smoothed background coordinate away from the object (textured vs plain).
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <vector>
+#include <mutex>
+
+#include "stylealigned/error.h"
+#include "stylealigned/toy/world.h"
+#include "toy/evaluate_internal.h"
+#include "toy/shapes.h"
+
+namespace stylealigned::toy {
+namespace {
+
+constexpr int64_t kSide = 64;           // analysis resolution
+constexpr double kClip = 50.0;          // colour-model error clip (0..255 units)
+constexpr int64_t kGrid = 40;           // template grid side
+constexpr double kExtent = 1.3;         // template half-extent in units of sqrt(area)
+constexpr int kAngles = 72;             // template rotations (5 degrees apart)
+
+// Thresholds of the decisions (measured on renders with and without blur and noise; see tests/test_world.cpp).
+constexpr double kSolidSpread = 0.10;
+constexpr double kSolidPlaneR2 = 0.6;
+constexpr double kGradientScale = 0.95;  // typical clean-render values of the pattern scores
+constexpr double kStripesScale = 0.48;
+constexpr double kCheckerScale = 0.46;
+constexpr double kDotsScale = 0.37;
+constexpr double kTexturedSpread = 0.12;
+constexpr double kOutlineShare = 0.15;
+constexpr double kFillExplained = 25.0;  // colour distance within which a pixel counts as fill
+
+at::Tensor color(Rgb c) {
+  return at::tensor({static_cast<float>(c.r), static_cast<float>(c.g), static_cast<float>(c.b)}, at::kFloat);
+}
+
+// Distance of every pixel (rows of P [N, 3]) to the segment a..b, and the unclamped position along it.
+std::pair<at::Tensor, at::Tensor> segment(const at::Tensor& P, const at::Tensor& a, const at::Tensor& b) {
+  auto ab = b - a;
+  auto t = at::matmul(P - a, ab) / ab.dot(ab);
+  auto q = a + t.clamp(0.0, 1.0).unsqueeze(1) * ab;
+  return {(P - q).norm(2, 1), t};
+}
+
+// Nearest point [N, 3] of the union of segments to every pixel.
+at::Tensor nearest_on_segments(const at::Tensor& P, const std::vector<std::pair<at::Tensor, at::Tensor>>& segs) {
+  at::Tensor best_d, best_q;
+  for (const auto& [a, b] : segs) {
+    auto ab = b - a;
+    auto t = (at::matmul(P - a, ab) / ab.dot(ab)).clamp(0.0, 1.0);
+    auto q = a + t.unsqueeze(1) * ab;
+    auto d = (P - q).norm(2, 1);
+    if (!best_d.defined()) {
+      best_d = d;
+      best_q = q;
+    } else {
+      auto closer = (d < best_d).unsqueeze(1);
+      best_q = at::where(closer, q, best_q);
+      best_d = at::minimum(d, best_d);
+    }
+  }
+  return best_q;
+}
+
+at::Tensor point_distance(const at::Tensor& P, const at::Tensor& a) { return (P - a).norm(2, 1); }
+
+// uint8 [H, W, 3] or float [3, H, W] in [0, 1] -> float [64, 64, 3] in 0..255.
+at::Tensor normalise_input(const at::Tensor& image) {
+  if (!image.defined()) throw Error("toy evaluate: image tensor is undefined");
+  at::Tensor chw;
+  if (image.dim() == 3 && image.size(2) == 3 && image.scalar_type() == at::kByte) {
+    chw = image.to(at::kFloat).permute({2, 0, 1});
+  } else if (image.dim() == 3 && image.size(0) == 3 && at::isFloatingType(image.scalar_type())) {
+    chw = image.detach().to(at::kCPU, at::kFloat) * 255.0;
+  } else {
+    std::string shape;
+    for (int64_t d = 0; d < image.dim(); ++d) shape += (d ? ", " : "") + std::to_string(image.size(d));
+    throw Error(fmt::format("toy evaluate: image must be uint8 [H, W, 3] or float [3, H, W] in [0, 1], got {} [{}]",
+                            c10::toString(image.scalar_type()), shape));
+  }
+  chw = chw.to(at::kCPU).contiguous();
+  const int64_t h = chw.size(1), w = chw.size(2);
+  if (h != w || h < 16) {
+    throw Error(fmt::format("toy evaluate: image must be square and at least 16 pixels, got {}x{}", h, w));
+  }
+  if (h != kSide) {
+    auto x = chw.unsqueeze(0);
+    if (h > kSide && h % kSide == 0) {
+      x = at::avg_pool2d(x, {h / kSide, h / kSide});
+    } else if (h > kSide) {
+      x = at::adaptive_avg_pool2d(x, {kSide, kSide});
+    } else {
+      x = at::upsample_bilinear2d(x, {kSide, kSide}, false);
+    }
+    chw = x.squeeze(0);
+  }
+  return chw.permute({1, 2, 0}).contiguous();  // [64, 64, 3]
+}
+
+// Largest 4-connected component of a bool [S, S] mask, with the holes (background components not touching the
+// border) filled.
+at::Tensor clean_mask(const at::Tensor& mask) {
+  const int64_t S = mask.size(0);
+  auto m = mask.to(at::kBool).contiguous();
+  const bool* in = m.data_ptr<bool>();
+  std::vector<int> label(static_cast<size_t>(S * S), -1);
+  std::vector<int64_t> sizes;
+  std::deque<int64_t> queue;
+  for (int64_t start = 0; start < S * S; ++start) {
+    if (!in[start] || label[static_cast<size_t>(start)] >= 0) continue;
+    const int id = static_cast<int>(sizes.size());
+    int64_t count = 0;
+    label[static_cast<size_t>(start)] = id;
+    queue.push_back(start);
+    while (!queue.empty()) {
+      const int64_t p = queue.front();
+      queue.pop_front();
+      ++count;
+      const int64_t r = p / S, c = p % S;
+      const int64_t nb[4] = {r > 0 ? p - S : -1, r + 1 < S ? p + S : -1, c > 0 ? p - 1 : -1, c + 1 < S ? p + 1 : -1};
+      for (int64_t q : nb) {
+        if (q >= 0 && in[q] && label[static_cast<size_t>(q)] < 0) {
+          label[static_cast<size_t>(q)] = id;
+          queue.push_back(q);
+        }
+      }
+    }
+    sizes.push_back(count);
+  }
+  auto out = at::zeros({S, S}, at::kBool);
+  if (sizes.empty()) return out;
+  const int best = static_cast<int>(std::max_element(sizes.begin(), sizes.end()) - sizes.begin());
+  bool* o = out.data_ptr<bool>();
+  for (int64_t p = 0; p < S * S; ++p) o[p] = label[static_cast<size_t>(p)] == best;
+  // Flood the outside from the border through non-object pixels; what is not reached is a hole.
+  std::vector<char> outside(static_cast<size_t>(S * S), 0);
+  for (int64_t p = 0; p < S * S; ++p) {
+    const int64_t r = p / S, c = p % S;
+    if ((r == 0 || c == 0 || r == S - 1 || c == S - 1) && !o[p]) {
+      outside[static_cast<size_t>(p)] = 1;
+      queue.push_back(p);
+    }
+  }
+  while (!queue.empty()) {
+    const int64_t p = queue.front();
+    queue.pop_front();
+    const int64_t r = p / S, c = p % S;
+    const int64_t nb[4] = {r > 0 ? p - S : -1, r + 1 < S ? p + S : -1, c > 0 ? p - 1 : -1, c + 1 < S ? p + 1 : -1};
+    for (int64_t q : nb) {
+      if (q >= 0 && !o[q] && !outside[static_cast<size_t>(q)]) {
+        outside[static_cast<size_t>(q)] = 1;
+        queue.push_back(q);
+      }
+    }
+  }
+  for (int64_t p = 0; p < S * S; ++p) o[p] = !outside[static_cast<size_t>(p)];
+  return out;
+}
+
+// Template cell centres in normalised units, [G] (the same along x and y).
+at::Tensor template_axis() {
+  return (at::arange(kGrid, at::kDouble) + 0.5) * (2.0 * kExtent / kGrid) - kExtent;
+}
+
+// Silhouette templates [objects * angles, G * G] (float in [0, 1]), normalised like an observed mask: the origin is
+// the shape's centroid and the unit is the square root of its area.
+const at::Tensor& templates() {
+  static const at::Tensor table = [] {
+    const int n_obj = num_values(Attribute::object);
+    std::vector<at::Tensor> rows;
+    // Fine grid over the bounding square to measure each shape's area and centroid in local units.
+    const int64_t fine = 1001;
+    auto f = (at::arange(fine, at::kDouble) + 0.5) * (2.1 / fine) - 1.05;
+    auto fx = f.view({1, fine}).expand({fine, fine});
+    auto fy = f.view({fine, 1}).expand({fine, fine});
+    const double cell = (2.1 / fine) * (2.1 / fine);
+    // 3x3 subsamples per template cell.
+    const int sub = 3;
+    auto axis = template_axis();
+    const double step = 2.0 * kExtent / kGrid;
+    auto offs = (at::arange(sub, at::kDouble) + 0.5) / sub * step - step / 2.0;
+    auto qa = (axis.view({kGrid, 1}) + offs.view({1, sub})).reshape({kGrid * sub});  // [G*sub]
+    const int64_t gs = kGrid * sub;
+    auto qx = qa.view({1, gs}).expand({gs, gs});
+    auto qy = qa.view({gs, 1}).expand({gs, gs});
+    for (int o = 0; o < n_obj; ++o) {
+      const auto obj = static_cast<Object>(o);
+      auto in = detail::inside(obj, fx, fy).to(at::kDouble);
+      const double area = in.sum().item<double>() * cell;
+      const double c0x = (in * fx).sum().item<double>() * cell / area;
+      const double c0y = (in * fy).sum().item<double>() * cell / area;
+      const double unit = std::sqrt(area);
+      for (int k = 0; k < kAngles; ++k) {
+        const double th = 2.0 * M_PI * k / kAngles;
+        const double c = std::cos(th), s = std::sin(th);
+        // Screen offset from the object's origin: q * unit + R c0, with R the renderer's local-to-screen rotation.
+        auto sx = qx * unit + (c * c0x - s * c0y);
+        auto sy = qy * unit + (s * c0x + c * c0y);
+        auto lx = sx * c + sy * s;
+        auto ly = sx * -s + sy * c;
+        auto t = detail::inside(obj, lx, ly).to(at::kFloat).view({1, 1, gs, gs});
+        rows.push_back(at::avg_pool2d(t, {sub, sub}).reshape({kGrid * kGrid}));
+      }
+    }
+    return at::stack(rows).contiguous();
+  }();
+  return table;
+}
+
+at::Tensor box3(const at::Tensor& field) {  // [S, S] -> [S, S], 3x3 mean (edges: mean of the pixels present)
+  return at::avg_pool2d(field.unsqueeze(0).unsqueeze(0), {3, 3}, {1, 1}, {1, 1}, false, false).squeeze(0).squeeze(0);
+}
+
+float clamp01(double v) { return static_cast<float>(std::clamp(v, 0.0, 1.0)); }
+
+}  // namespace
+
+namespace detail {
+
+Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
+  Measurements local;
+  Measurements& M = meas ? *meas : local;
+  const auto hwc = normalise_input(image);
+  const int64_t S = kSide;
+  const auto P = hwc.view({S * S, 3});
+  Evaluation ev;
+
+  // 1. Palette.
+  const int n_pal = num_values(Attribute::palette);
+  for (int p = 0; p < n_pal; ++p) {
+    const auto& pc = palette_colors(static_cast<Palette>(p));
+    auto d_bg = segment(P, color(pc.background), color(pc.background_alt)).first;
+    auto d_fill = segment(P, color(pc.fill), color(pc.fill_alt)).first;
+    auto d_out = point_distance(P, color(pc.outline));
+    auto e = at::minimum(at::minimum(d_bg, d_fill), d_out).clamp_max(kClip);
+    M.palette_error[static_cast<size_t>(p)] = (e * e).mean().item<float>();
+  }
+  std::vector<int> order(static_cast<size_t>(n_pal));
+  for (int p = 0; p < n_pal; ++p) order[static_cast<size_t>(p)] = p;
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return M.palette_error[static_cast<size_t>(a)] < M.palette_error[static_cast<size_t>(b)]; });
+  const Palette palette = static_cast<Palette>(order[0]);
+  ev.attributes.palette = palette;
+  {
+    const double best = M.palette_error[static_cast<size_t>(order[0])];
+    const double second = M.palette_error[static_cast<size_t>(order[1])];
+    ev.confidence[static_cast<size_t>(Attribute::palette)] = clamp01(1.0 - best / std::max(second, 1e-6));
+  }
+
+  // 2. Object mask under the chosen palette.
+  const auto& pc = palette_colors(palette);
+  const auto A = color(pc.fill), B = color(pc.fill_alt), G = color(pc.background), G2 = color(pc.background_alt);
+  const auto O = color(pc.outline);
+  auto [d_bg, t_bg] = segment(P, G, G2);
+  auto [d_fill, t_fill] = segment(P, A, B);
+  auto d_out = point_distance(P, O);
+  auto d_obj = at::minimum(d_fill, d_out);
+  auto soft = (d_bg / (d_bg + d_obj + 1e-3)).view({S, S});
+  auto mask = clean_mask((d_obj < d_bg).view({S, S}));
+  M.mask = mask;
+  auto maskf = mask.to(at::kFloat).view({1, 1, S, S});
+  const double area_px = maskf.sum().item<double>();
+  ev.object_area = static_cast<float>(area_px / static_cast<double>(S * S));
+  if (area_px < 4.0) {
+    // Nothing object-like: keep defaults, with zero confidence everywhere but the palette.
+    ev.object_match = 0.0f;
+    return ev;
+  }
+
+  // 3. Object: soft silhouette (hard core, soft values near its edge), normalised, against the templates.
+  {
+    auto core = detail::erode(maskf, 1).view({S, S});
+    auto near = detail::dilate(maskf, 2).view({S, S});
+    auto sil = at::maximum(soft * near, core).clamp(0.0, 1.0);
+    const double a = sil.sum().item<double>();
+    auto pix = at::arange(S, at::kFloat) + 0.5;
+    const double cx = (sil * pix.view({1, S})).sum().item<double>() / a;
+    const double cy = (sil * pix.view({S, 1})).sum().item<double>() / a;
+    const double unit = std::sqrt(a);
+    auto axis = template_axis().to(at::kFloat);
+    auto gx = ((axis * unit + cx) / static_cast<double>(S)) * 2.0 - 1.0;  // grid_sample coordinates
+    auto gy = ((axis * unit + cy) / static_cast<double>(S)) * 2.0 - 1.0;
+    auto grid = at::stack({gx.view({1, kGrid}).expand({kGrid, kGrid}), gy.view({kGrid, 1}).expand({kGrid, kGrid})}, 2)
+                    .unsqueeze(0);
+    auto sampled = at::grid_sampler(sil.view({1, 1, S, S}), grid, /*bilinear*/ 0, /*zeros*/ 0, false)
+                       .reshape({1, kGrid * kGrid});
+    const auto& T = templates();
+    auto iou = at::minimum(T, sampled).sum(1) / at::maximum(T, sampled).sum(1).clamp_min(1e-6);
+    auto per_class = std::get<0>(iou.view({-1, kAngles}).max(1));
+    auto acc = per_class.contiguous();
+    const float* pv = acc.data_ptr<float>();
+    int best = 0;
+    for (int o = 0; o < num_values(Attribute::object); ++o) {
+      M.object_iou[static_cast<size_t>(o)] = pv[o];
+      if (pv[o] > pv[best]) best = o;
+    }
+    float second = 0.0f;
+    for (int o = 0; o < num_values(Attribute::object); ++o) {
+      if (o != best) second = std::max(second, pv[o]);
+    }
+    ev.attributes.object = static_cast<Object>(best);
+    ev.object_match = pv[best];
+    // A rendered object never touches the image border and covers at most half the image: a mask that does
+    // (noise, a failed generation, a background mistaken for the object) gets no confidence, whatever its match.
+    auto m2 = mask.to(at::kFloat);
+    const double border = (m2.select(0, 0).sum() + m2.select(0, S - 1).sum() + m2.select(1, 0).sum() +
+                           m2.select(1, S - 1).sum()).item<double>() / static_cast<double>(4 * S);
+    const double plausible = clamp01(1.0 - std::max(0.0, border - 0.02) / 0.1) *
+                             clamp01(1.0 - std::max(0.0, ev.object_area - 0.55) / 0.15);
+    ev.confidence[static_cast<size_t>(Attribute::object)] =
+        clamp01(plausible * (pv[best] - second) / std::max(pv[best], 1e-6f));
+  }
+
+  // 4. Outline: how much outline colour the silhouette's inner edge holds beyond what the palette's other colours
+  // (fill, background and their blends) explain. Per pixel: the nearest non-outline colour q, and the share
+  // alpha of the way from q to the outline colour that the pixel has moved; 1 for a clean outline pixel, about
+  // half for a blurred one, 0 (+- noise, which averages out) without an outline.
+  {
+    auto ring = (maskf - detail::erode(maskf, 3)).view({S * S}) > 0.5;
+    const double n = ring.sum().item<double>();
+    if (n > 0) {
+      auto Pr = P.index({ring});
+      auto q = nearest_on_segments(Pr, {{A, B}, {G, G2}, {A, G}, {B, G}, {A, G2}, {B, G2}});
+      auto v = O - q;
+      auto alpha = ((Pr - q) * v).sum(1) / (v * v).sum(1).clamp_min(1.0);
+      M.outline_share = alpha.clamp(-1.0, 1.0).mean().item<float>();
+    }
+    ev.attributes.outline = M.outline_share > kOutlineShare ? Outline::outlined : Outline::none;
+    ev.confidence[static_cast<size_t>(Attribute::outline)] =
+        clamp01(std::abs(M.outline_share - kOutlineShare) / kOutlineShare);
+  }
+
+  // 5. Pattern from the smoothed fill coordinate inside the eroded mask.
+  {
+    const int64_t depth = ev.attributes.outline == Outline::outlined ? 4 : 3;
+    auto interior = detail::erode(maskf, depth).view({S, S}) > 0.5;
+    if (interior.sum().item<int64_t>() < 16) interior = detail::erode(maskf, 1).view({S, S}) > 0.5;
+    if (interior.sum().item<int64_t>() < 4) interior = mask;
+    // Only pixels the fill segment explains (measured on the 3x3-smoothed image, where noise is a third): blur
+    // mixes background and outline into the silhouette's edge.
+    auto smooth = at::avg_pool2d(hwc.permute({2, 0, 1}).unsqueeze(0), {3, 3}, {1, 1}, {1, 1}, false, false)
+                      .squeeze(0).permute({1, 2, 0}).reshape({S * S, 3});
+    auto explained = interior & (segment(smooth, A, B).first.view({S, S}) < kFillExplained);
+    if (explained.sum().item<int64_t>() >= 16) interior = explained;
+    auto t = box3(t_fill.view({S, S}).clamp(-0.5, 1.5));
+    auto tv = t.masked_select(interior).to(at::kDouble);
+    const int64_t n = tv.numel();
+    M.interior_pixels = static_cast<int>(n);
+    const double mean = tv.mean().item<double>();
+    const double var = (tv - mean).pow(2).mean().item<double>();
+    M.pattern_alt_share = static_cast<float>(mean);
+    M.pattern_spread = static_cast<float>(std::sqrt(var));
+    // Plane fit t ~ 1 + x + y by least squares.
+    auto pix = at::arange(S, at::kDouble);
+    auto xs = pix.view({1, S}).expand({S, S}).masked_select(interior);
+    auto ys = pix.view({S, 1}).expand({S, S}).masked_select(interior);
+    // With centred coordinates the intercept is the mean and the slopes solve a 2x2 system.
+    auto xc = xs - xs.mean(), yc = ys - ys.mean(), tc = tv - mean;
+    const double sxx = (xc * xc).sum().item<double>(), syy = (yc * yc).sum().item<double>();
+    const double sxy = (xc * yc).sum().item<double>();
+    const double sxt = (xc * tc).sum().item<double>(), syt = (yc * tc).sum().item<double>();
+    const double det = sxx * syy - sxy * sxy;
+    double bx = 0.0, by = 0.0;
+    if (std::abs(det) > 1e-9) {
+      bx = (sxt * syy - syt * sxy) / det;
+      by = (syt * sxx - sxt * sxy) / det;
+    }
+    const double rvar = (tc - xc * bx - yc * by).pow(2).mean().item<double>();
+    M.pattern_plane_r2 = var > 1e-9 ? static_cast<float>(1.0 - rvar / var) : 0.0f;
+    // Structure tensor of the fill coordinate (central differences), summed over the interior.
+    auto gx = at::zeros({S, S}, at::kFloat);
+    auto gy = at::zeros({S, S}, at::kFloat);
+    gx.narrow(1, 1, S - 2).copy_((t.narrow(1, 2, S - 2) - t.narrow(1, 0, S - 2)) * 0.5);
+    gy.narrow(0, 1, S - 2).copy_((t.narrow(0, 2, S - 2) - t.narrow(0, 0, S - 2)) * 0.5);
+    auto jxx = (gx * gx).masked_select(interior).sum().item<double>();
+    auto jyy = (gy * gy).masked_select(interior).sum().item<double>();
+    auto jxy = (gx * gy).masked_select(interior).sum().item<double>();
+    const double tr = jxx + jyy;
+    M.pattern_coherence = tr > 1e-9 ? static_cast<float>(std::sqrt((jxx - jyy) * (jxx - jyy) + 4 * jxy * jxy) / tr)
+                                    : 0.0f;
+    // Periodogram share of the variance at each pattern's fundamental frequencies (cycles per pixel of the 64-pixel
+    // image): the patterns are drawn in image coordinates, so their frequencies are known exactly.
+    {
+      auto tc2 = tc;
+      const double energy = (tc2 * tc2).sum().item<double>() * static_cast<double>(n);
+      auto rho = [&](double fx, double fy) {
+        auto phase = (xs * fx + ys * fy) * (2.0 * M_PI);
+        const double c = (tc2 * at::cos(phase)).sum().item<double>();
+        const double sn = (tc2 * at::sin(phase)).sum().item<double>();
+        return energy > 1e-12 ? (c * c + sn * sn) / energy : 0.0;
+      };
+      const double fs = 1.0 / (std::sqrt(2.0) * detail::kStripePeriod64);
+      const double fc = 1.0 / (2.0 * detail::kCheckerCell64);
+      const double fd = 1.0 / detail::kDotSpacing64;
+      M.rho_stripes = static_cast<float>(rho(fs, fs));
+      M.rho_stripes_cross = static_cast<float>(rho(fs, -fs));
+      // The checker has both diagonal fundamentals; stripes leak into the one near their own frequency only.
+      M.rho_checker = static_cast<float>(2.0 * std::min(rho(fc, fc), rho(fc, -fc)));
+      M.rho_dots = static_cast<float>(rho(fd, 0.0) + rho(0.0, fd));
+    }
+    // Solid when the fill coordinate barely varies; else the pattern whose signature is strongest, each score
+    // scaled by its typical value on clean renders: the plane fit for the gradient, the one-sided diagonal
+    // fundamental for stripes, both diagonal fundamentals for the checker, the axis fundamentals for dots.
+    Pattern pat = Pattern::solid;
+    double conf = std::min((kSolidSpread - M.pattern_spread) / kSolidSpread,
+                           (kSolidPlaneR2 - M.pattern_plane_r2) / kSolidPlaneR2);
+    // A gradient across a short interior varies little, but a plane explains it; noise on a solid fill it does not.
+    if (M.pattern_spread >= kSolidSpread || M.pattern_plane_r2 >= kSolidPlaneR2) {
+      const std::array<std::pair<Pattern, double>, 4> scores = {{
+          {Pattern::gradient, M.pattern_plane_r2 / kGradientScale},
+          {Pattern::stripes, (M.rho_stripes - M.rho_stripes_cross) / kStripesScale},
+          {Pattern::checker, M.rho_checker / kCheckerScale},
+          {Pattern::dots, M.rho_dots / kDotsScale},
+      }};
+      size_t best = 0;
+      for (size_t k = 1; k < scores.size(); ++k) {
+        if (scores[k].second > scores[best].second) best = k;
+      }
+      double second = 0.0;
+      for (size_t k = 0; k < scores.size(); ++k) {
+        if (k != best) second = std::max(second, scores[k].second);
+      }
+      pat = scores[best].first;
+      conf = (scores[best].second - second) / std::max(scores[best].second, 1e-6);
+    }
+    ev.attributes.pattern = pat;
+    ev.confidence[static_cast<size_t>(Attribute::pattern)] = clamp01(conf);
+  }
+
+  // 6. Background: spread of the smoothed background coordinate at least 3 pixels from the object, over pixels the
+  // background segment explains (so a piece of the object the mask missed does not count as texture).
+  {
+    auto away = (detail::dilate(maskf, 3).view({S, S}) < 0.5) & (d_bg.view({S, S}) < kClip);
+    auto tb = box3(t_bg.view({S, S}).clamp(-0.5, 1.5)).masked_select(away).to(at::kDouble);
+    M.background_pixels = static_cast<int>(tb.numel());
+    double spread = 0.0;
+    if (tb.numel() > 1) spread = std::sqrt((tb - tb.mean()).pow(2).mean().item<double>());
+    M.background_spread = static_cast<float>(spread);
+    ev.attributes.background = spread > kTexturedSpread ? Background::textured : Background::plain;
+    ev.confidence[static_cast<size_t>(Attribute::background)] =
+        clamp01(std::abs(spread - kTexturedSpread) / kTexturedSpread);
+  }
+  return ev;
+}
+
+}  // namespace detail
+
+Evaluation evaluate(const at::Tensor& image) { return detail::evaluate_measured(image, nullptr); }
+
+std::vector<Evaluation> evaluate_batch(const at::Tensor& images) {
+  if (!images.defined() || images.dim() != 4) {
+    throw Error("toy evaluate_batch: images must be uint8 [N, H, W, 3] or float [N, 3, H, W]");
+  }
+  std::vector<Evaluation> out;
+  out.reserve(static_cast<size_t>(images.size(0)));
+  for (int64_t i = 0; i < images.size(0); ++i) out.push_back(evaluate(images[i]));
+  return out;
+}
+
+}  // namespace stylealigned::toy
