@@ -186,44 +186,60 @@ at::Tensor template_axis() {
 const at::Tensor& templates() {
   static const at::Tensor table = [] {
     const int n_obj = num_values(Attribute::object);
-    std::vector<at::Tensor> rows;
-    // Fine grid over the bounding square to measure each shape's area and centroid in local units.
-    const int64_t fine = 1001;
-    auto f = (at::arange(fine, at::kDouble) + 0.5) * (2.1 / fine) - 1.05;
-    auto fx = f.view({1, fine}).expand({fine, fine});
-    auto fy = f.view({fine, 1}).expand({fine, fine});
-    const double cell = (2.1 / fine) * (2.1 / fine);
+    auto out = at::zeros({n_obj * kAngles, kGrid * kGrid}, at::kFloat);
+    float* o = out.data_ptr<float>();
+    // Each shape's area and centroid in local units, from a fine grid over its bounding square.
+    const int fine = 1001;
+    const double cell = 2.1 / fine;
     // 3x3 subsamples per template cell.
     const int sub = 3;
-    auto axis = template_axis();
     const double step = 2.0 * kExtent / kGrid;
-    auto offs = (at::arange(sub, at::kDouble) + 0.5) / sub * step - step / 2.0;
-    auto qa = (axis.view({kGrid, 1}) + offs.view({1, sub})).reshape({kGrid * sub});  // [G*sub]
-    const int64_t gs = kGrid * sub;
-    auto qx = qa.view({1, gs}).expand({gs, gs});
-    auto qy = qa.view({gs, 1}).expand({gs, gs});
-    for (int o = 0; o < n_obj; ++o) {
-      const auto obj = static_cast<Object>(o);
-      auto in = detail::inside(obj, fx, fy).to(at::kDouble);
-      const double area = in.sum().item<double>() * cell;
-      const double c0x = (in * fx).sum().item<double>() * cell / area;
-      const double c0y = (in * fy).sum().item<double>() * cell / area;
-      const double unit = std::sqrt(area);
+    for (int obj = 0; obj < n_obj; ++obj) {
+      const auto object = static_cast<Object>(obj);
+      double area = 0.0, sx = 0.0, sy = 0.0;
+      for (int i = 0; i < fine; ++i) {
+        const double y = (i + 0.5) * cell - 1.05;
+        for (int j = 0; j < fine; ++j) {
+          const double x = (j + 0.5) * cell - 1.05;
+          if (detail::inside(object, x, y)) {
+            area += 1.0;
+            sx += x;
+            sy += y;
+          }
+        }
+      }
+      const double c0x = sx / area, c0y = sy / area;
+      const double unit = std::sqrt(area * cell * cell);
       for (int k = 0; k < kAngles; ++k) {
         const double th = 2.0 * M_PI * k / kAngles;
         const double c = std::cos(th), s = std::sin(th);
-        // Screen offset from the object's origin: q * unit + R c0, with R the renderer's local-to-screen rotation.
-        auto sx = qx * unit + (c * c0x - s * c0y);
-        auto sy = qy * unit + (s * c0x + c * c0y);
-        auto lx = sx * c + sy * s;
-        auto ly = sx * -s + sy * c;
-        auto t = detail::inside(obj, lx, ly).to(at::kFloat).view({1, 1, gs, gs});
-        rows.push_back(at::avg_pool2d(t, {sub, sub}).reshape({kGrid * kGrid}));
+        // The renderer maps local to screen offsets by [c -s; s c]; the shape's centroid sits at R c0.
+        const double ox = c * c0x - s * c0y, oy = s * c0x + c * c0y;
+        float* row = o + static_cast<int64_t>(obj * kAngles + k) * kGrid * kGrid;
+        for (int gi = 0; gi < kGrid; ++gi) {
+          for (int gj = 0; gj < kGrid; ++gj) {
+            int hits = 0;
+            for (int a = 0; a < sub; ++a) {
+              const double qy = -kExtent + (gi + (a + 0.5) / sub) * step;
+              for (int b = 0; b < sub; ++b) {
+                const double qx = -kExtent + (gj + (b + 0.5) / sub) * step;
+                const double dx = qx * unit + ox, dy = qy * unit + oy;
+                hits += detail::inside(object, dx * c + dy * s, -dx * s + dy * c);
+              }
+            }
+            row[gi * kGrid + gj] = static_cast<float>(hits) / (sub * sub);
+          }
+        }
       }
     }
-    return at::stack(rows).contiguous();
+    return out;
   }();
   return table;
+}
+
+const at::Tensor& template_sums() {
+  static const at::Tensor sums = templates().sum(1);
+  return sums;
 }
 
 at::Tensor box3(const at::Tensor& field) {  // [S, S] -> [S, S], 3x3 mean (edges: mean of the pixels present)
@@ -304,7 +320,10 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
     auto sampled = at::grid_sampler(sil.view({1, 1, S, S}), grid, /*bilinear*/ 0, /*zeros*/ 0, false)
                        .reshape({1, kGrid * kGrid});
     const auto& T = templates();
-    auto iou = at::minimum(T, sampled).sum(1) / at::maximum(T, sampled).sum(1).clamp_min(1e-6);
+    // Soft IoU without a [templates, cells] temporary: sum(min) and sum(max) from the sums and the L1 distance.
+    auto l1 = at::cdist(T, sampled, 1.0).squeeze(1);
+    auto sums = template_sums() + sampled.sum();
+    auto iou = (sums - l1) / (sums + l1).clamp_min(1e-6);
     auto per_class = std::get<0>(iou.view({-1, kAngles}).max(1));
     auto acc = per_class.contiguous();
     const float* pv = acc.data_ptr<float>();

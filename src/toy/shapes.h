@@ -21,8 +21,7 @@ inline constexpr double kDotSpacing64 = 12.0;
 inline constexpr double kDotRadius64 = 3.3;  // about a quarter of the area
 
 /// Whether local object coordinates (x right, y down, the bounding circle is the unit circle) lie inside `object`.
-/// `x` and `y` are float tensors of one shape; the result is a bool tensor of that shape.
-at::Tensor inside(Object object, const at::Tensor& x, const at::Tensor& y);
+bool inside(Object object, double x, double y);
 
 /// Uniform double in [0, 1) from the top 53 bits: the same numbers with every standard library (std::
 /// distributions are implementation-defined).
@@ -33,7 +32,7 @@ inline int uniform_int(std::mt19937_64& rng, int n) {
 }
 inline double uniform(std::mt19937_64& rng, double lo, double hi) { return lo + (hi - lo) * uniform01(rng); }
 
-/// Erodes a float {0,1} mask [1, 1, H, W] by `radius` pixels with an octagonal element (alternating 3x3 square and
+/// Erodes a float {0,1} mask [1, 1, H, W] (the evaluator's masks) by `radius` pixels with an octagonal element (alternating 3x3 square and
 /// plus steps, close to a disc), treating outside the image as inside (so the image border does not erode).
 at::Tensor erode(const at::Tensor& mask, int64_t radius);
 /// Dilates the same way (outside the image counts as outside).

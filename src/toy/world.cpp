@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "stylealigned/error.h"
@@ -60,45 +61,115 @@ void check_value(Attribute a, int value) {
   }
 }
 
-at::Tensor color_tensor(Rgb c) {
-  return at::tensor({static_cast<float>(c.r), static_cast<float>(c.g), static_cast<float>(c.b)}, at::kFloat)
-      .view({3, 1, 1});
-}
-
-// Interpolation matrix [out, n] of a smoothstep value-noise lattice with n points spanning [0, 1].
-at::Tensor lattice_weights(int64_t out, int64_t n) {
-  auto w = at::zeros({out, n}, at::kDouble);
-  auto acc = w.accessor<double, 2>();
+// Interpolation weights of a smoothstep value-noise lattice with n points spanning [0, 1], sampled at `out`
+// pixel centres: index of the left lattice point and the weight of the right one.
+std::vector<std::pair<int, double>> lattice_weights(int64_t out, int n) {
+  std::vector<std::pair<int, double>> w(static_cast<size_t>(out));
   for (int64_t i = 0; i < out; ++i) {
     const double u = (static_cast<double>(i) + 0.5) / static_cast<double>(out) * static_cast<double>(n - 1);
-    const int64_t k = std::min<int64_t>(static_cast<int64_t>(std::floor(u)), n - 2);
+    const int k = std::min(static_cast<int>(std::floor(u)), n - 2);
     const double f = u - static_cast<double>(k);
-    const double s = f * f * (3.0 - 2.0 * f);
-    acc[i][k] += 1.0 - s;
-    acc[i][k + 1] += s;
+    w[static_cast<size_t>(i)] = {k, f * f * (3.0 - 2.0 * f)};
   }
   return w;
 }
 
-// Background mix field in [0, 1] ([R, R] float): two octaves of value noise pushed through a smoothstep, giving
+// Background mix field in [0, 1], row-major [R, R]: two octaves of value noise pushed through a smoothstep, giving
 // soft two-tone blotches a few pattern periods across (large enough to survive blur).
-at::Tensor texture_field(uint64_t seed, int64_t res) {
+std::vector<float> texture_field(uint64_t seed, int64_t res) {
   std::mt19937_64 rng(seed);
-  at::Tensor field = at::zeros({res, res}, at::kDouble);
-  const std::array<std::pair<int64_t, double>, 2> octaves = {{{6, 0.65}, {11, 0.35}}};
+  std::vector<double> field(static_cast<size_t>(res * res), 0.0);
+  const std::array<std::pair<int, double>, 2> octaves = {{{6, 0.65}, {11, 0.35}}};
   for (const auto& [n, weight] : octaves) {
-    auto grid = at::empty({n, n}, at::kDouble);
-    auto acc = grid.accessor<double, 2>();
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < n; ++j) acc[i][j] = detail::uniform01(rng);
+    std::vector<double> grid(static_cast<size_t>(n * n));
+    for (auto& g : grid) g = detail::uniform01(rng);
+    const auto w = lattice_weights(res, n);
+    // Rows first: lattice rows interpolated at every pixel column, then between lattice rows.
+    std::vector<double> across(static_cast<size_t>(n * res));
+    for (int k = 0; k < n; ++k) {
+      for (int64_t j = 0; j < res; ++j) {
+        const auto [l, f] = w[static_cast<size_t>(j)];
+        const double* row = &grid[static_cast<size_t>(k * n)];
+        across[static_cast<size_t>(k * res + j)] = row[l] * (1.0 - f) + row[l + 1] * f;
+      }
     }
-    auto w = lattice_weights(res, n);
-    field += weight * at::matmul(at::matmul(w, grid), w.t());
+    for (int64_t i = 0; i < res; ++i) {
+      const auto [k, f] = w[static_cast<size_t>(i)];
+      const double* top = &across[static_cast<size_t>(k * res)];
+      const double* bottom = &across[static_cast<size_t>((k + 1) * res)];
+      double* out = &field[static_cast<size_t>(i * res)];
+      for (int64_t j = 0; j < res; ++j) out[j] += weight * (top[j] * (1.0 - f) + bottom[j] * f);
+    }
   }
-  // The sum of two uniform lattices has mean 0.5 and a spread of about 0.2: map 0.5 +- 0.08 onto the full range.
-  auto t = ((field - 0.42) / 0.16).clamp(0.0, 1.0);
-  t = t * t * (3.0 - 2.0 * t);
-  return t.to(at::kFloat);
+  // The sum of two uniform lattices has mean 0.5 and a spread of about 0.2: map 0.42 .. 0.58 onto the full range.
+  std::vector<float> t(field.size());
+  for (size_t i = 0; i < field.size(); ++i) {
+    const double v = std::clamp((field[i] - 0.42) / 0.16, 0.0, 1.0);
+    t[i] = static_cast<float>(v * v * (3.0 - 2.0 * v));
+  }
+  return t;
+}
+
+// Squared Euclidean distance transform in one dimension (Felzenszwalb and Huttenlocher): d[i] = min_j f[j] + (i-j)^2.
+void distance_1d(const double* f, double* d, int64_t n, std::vector<int64_t>& v, std::vector<double>& z) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  v.assign(static_cast<size_t>(n), 0);
+  z.assign(static_cast<size_t>(n + 1), 0.0);
+  int64_t k = 0;
+  v[0] = 0;
+  z[0] = -inf;
+  z[1] = inf;
+  for (int64_t q = 1; q < n; ++q) {
+    if (f[q] == inf && f[v[static_cast<size_t>(k)]] == inf) continue;  // both far: nothing to add
+    double sq;
+    while (true) {
+      const int64_t p = v[static_cast<size_t>(k)];
+      sq = ((f[q] + static_cast<double>(q * q)) - (f[p] + static_cast<double>(p * p))) / static_cast<double>(2 * (q - p));
+      if (sq <= z[static_cast<size_t>(k)] && k > 0) {
+        --k;
+      } else {
+        break;
+      }
+    }
+    if (sq <= z[static_cast<size_t>(k)]) {  // k == 0 and the new parabola wins everywhere
+      v[0] = q;
+      z[0] = -inf;
+      z[1] = inf;
+      continue;
+    }
+    ++k;
+    v[static_cast<size_t>(k)] = q;
+    z[static_cast<size_t>(k)] = sq;
+    z[static_cast<size_t>(k + 1)] = inf;
+  }
+  k = 0;
+  for (int64_t q = 0; q < n; ++q) {
+    while (z[static_cast<size_t>(k + 1)] < static_cast<double>(q)) ++k;
+    const int64_t p = v[static_cast<size_t>(k)];
+    d[q] = f[p] + static_cast<double>((q - p) * (q - p));
+  }
+}
+
+// For every pixel inside `mask` ([R, R]), the squared distance (pixel units) to the nearest pixel outside it;
+// outside the image counts as inside, so only the silhouette's own edge produces an outline.
+std::vector<double> squared_distance_to_outside(const std::vector<uint8_t>& mask, int64_t res) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> g(mask.size());
+  for (size_t i = 0; i < mask.size(); ++i) g[i] = mask[i] ? inf : 0.0;
+  std::vector<double> f(static_cast<size_t>(res)), d(static_cast<size_t>(res));
+  std::vector<int64_t> v;
+  std::vector<double> z;
+  for (int64_t j = 0; j < res; ++j) {  // columns
+    for (int64_t i = 0; i < res; ++i) f[static_cast<size_t>(i)] = g[static_cast<size_t>(i * res + j)];
+    distance_1d(f.data(), d.data(), res, v, z);
+    for (int64_t i = 0; i < res; ++i) g[static_cast<size_t>(i * res + j)] = d[static_cast<size_t>(i)];
+  }
+  for (int64_t i = 0; i < res; ++i) {  // rows
+    double* row = &g[static_cast<size_t>(i * res)];
+    std::copy(row, row + res, f.begin());
+    distance_1d(f.data(), row, res, v, z);
+  }
+  return g;
 }
 
 void check_scene(const Scene& s, const RenderOptions& o) {
@@ -118,87 +189,110 @@ void check_scene(const Scene& s, const RenderOptions& o) {
   }
 }
 
-// Float image [3, R, R] in 0..255 at the supersampled resolution.
-at::Tensor render_supersampled(const Scene& s, int64_t res) {
+double fract(double v) { return v - std::floor(v); }
+
+// Renders into uint8 [size, size, 3] with plain loops over the supersampled pixels: no tensor kernels, so the bytes
+// do not depend on the libtorch build or the CPU's vector units.
+at::Tensor render_pixels(const Scene& s, int64_t size, int64_t ss) {
+  const int64_t res = size * ss;
   const PaletteColors& pal = palette_colors(s.attributes.palette);
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  // Pixel centres in image fractions; x varies along columns, y along rows.
-  auto coord = (at::arange(res, opts) + 0.5) / static_cast<double>(res);
-  auto xs = coord.view({1, res});
-  auto ys = coord.view({res, 1});
+  const auto& a = s.attributes;
 
+  // Silhouette at the supersampled resolution.
   const double theta = s.rotation_deg * M_PI / 180.0;
-  const double c = std::cos(theta), sn = std::sin(theta), r = s.size / 2.0;
-  auto dx = xs - s.center_x;
-  auto dy = ys - s.center_y;
-  auto lx = (dx * (c / r) + dy * (sn / r));
-  auto ly = (dx * (-sn / r) + dy * (c / r));
-  at::Tensor mask = detail::inside(s.attributes.object, lx, ly).to(at::kFloat);  // [R, R]
-
-  // Fill field: mix of fill (0) and fill_alt (1).
-  const double scale64 = 64.0;  // pattern units: pixels of a 64-pixel image
-  auto X = xs * scale64;
-  auto Y = ys * scale64;
-  at::Tensor t_fill;
-  switch (s.attributes.pattern) {
-    case Pattern::solid:
-      t_fill = at::zeros({res, res}, opts);
-      break;
-    case Pattern::stripes: {
-      auto u = (X + Y) / (std::sqrt(2.0) * detail::kStripePeriod64) + s.pattern_phase_x;
-      t_fill = ((u - at::floor(u)) >= 0.5).to(at::kFloat);
-      break;
-    }
-    case Pattern::checker: {
-      auto cx = at::floor(X / detail::kCheckerCell64 + s.pattern_phase_x);
-      auto cy = at::floor(Y / detail::kCheckerCell64 + s.pattern_phase_y);
-      t_fill = at::remainder(cx + cy, 2.0);
-      break;
-    }
-    case Pattern::dots: {
-      auto fx = X / detail::kDotSpacing64 + s.pattern_phase_x;
-      auto fy = Y / detail::kDotSpacing64 + s.pattern_phase_y;
-      fx = (fx - at::floor(fx) - 0.5) * detail::kDotSpacing64;
-      fy = (fy - at::floor(fy) - 0.5) * detail::kDotSpacing64;
-      t_fill = ((fx * fx + fy * fy) <= detail::kDotRadius64 * detail::kDotRadius64).to(at::kFloat);
-      break;
-    }
-    case Pattern::gradient: {
-      // From the silhouette's top row to its bottom row, so every gradient spans the full fill range.
-      auto rows = at::nonzero(mask.sum(1) > 0).view(-1);
-      double top = 0.0, bottom = static_cast<double>(res - 1);
-      if (rows.numel() > 0) {
-        top = static_cast<double>(rows.min().item<int64_t>());
-        bottom = static_cast<double>(rows.max().item<int64_t>());
+  const double c = std::cos(theta), sn = std::sin(theta), inv_r = 2.0 / s.size;
+  std::vector<uint8_t> mask(static_cast<size_t>(res * res));
+  int64_t top = res, bottom = -1;
+  for (int64_t i = 0; i < res; ++i) {
+    const double dy = (static_cast<double>(i) + 0.5) / static_cast<double>(res) - s.center_y;
+    for (int64_t j = 0; j < res; ++j) {
+      const double dx = (static_cast<double>(j) + 0.5) / static_cast<double>(res) - s.center_x;
+      const double lx = (dx * c + dy * sn) * inv_r;
+      const double ly = (-dx * sn + dy * c) * inv_r;
+      const bool in = detail::inside(a.object, lx, ly);
+      mask[static_cast<size_t>(i * res + j)] = in;
+      if (in) {
+        top = std::min(top, i);
+        bottom = std::max(bottom, i);
       }
-      auto row = at::arange(res, opts).view({res, 1});
-      t_fill = ((row - top) / std::max(1.0, bottom - top)).clamp(0.0, 1.0).expand({res, res});
-      break;
     }
   }
-  auto fill = color_tensor(pal.fill);
-  auto fill_alt = color_tensor(pal.fill_alt);
-  auto fill_img = fill + (fill_alt - fill) * t_fill.unsqueeze(0);  // [3, R, R]
-
-  auto bg = color_tensor(pal.background);
-  auto bg_alt = color_tensor(pal.background_alt);
-  at::Tensor bg_img;
-  if (s.attributes.background == Background::textured) {
-    bg_img = bg + (bg_alt - bg) * texture_field(s.texture_seed, res).unsqueeze(0);
-  } else {
-    bg_img = bg.expand({3, res, res});
+  std::vector<double> dist2;
+  double band2 = 0.0;
+  if (a.outline == Outline::outlined) {
+    dist2 = squared_distance_to_outside(mask, res);
+    const double band = detail::kOutlineWidth64 / 64.0 * static_cast<double>(res);
+    band2 = band * band;
   }
+  std::vector<float> texture;
+  if (a.background == Background::textured) texture = texture_field(s.texture_seed, res);
 
-  at::Tensor object_img = fill_img;
-  if (s.attributes.outline == Outline::outlined) {
-    const auto radius =
-        std::max<int64_t>(1, std::llround(detail::kOutlineWidth64 / 64.0 * static_cast<double>(res)));
-    auto core = detail::erode(mask.view({1, 1, res, res}), radius).view({res, res});
-    auto band = (mask - core).clamp(0.0, 1.0).unsqueeze(0);
-    object_img = fill_img * (1.0 - band) + color_tensor(pal.outline) * band;
+  const double fill[3] = {double(pal.fill.r), double(pal.fill.g), double(pal.fill.b)};
+  const double fill_alt[3] = {double(pal.fill_alt.r), double(pal.fill_alt.g), double(pal.fill_alt.b)};
+  const double bg[3] = {double(pal.background.r), double(pal.background.g), double(pal.background.b)};
+  const double bg_alt[3] = {double(pal.background_alt.r), double(pal.background_alt.g), double(pal.background_alt.b)};
+  const double outline[3] = {double(pal.outline.r), double(pal.outline.g), double(pal.outline.b)};
+  const double to64 = 64.0 / static_cast<double>(res);  // pattern units: pixels of a 64-pixel image
+  const double grad_span = std::max<double>(1.0, static_cast<double>(bottom - top));
+
+  auto out = at::empty({size, size, 3}, at::kByte);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  std::vector<double> acc(static_cast<size_t>(size * 3));
+  const double norm = 1.0 / static_cast<double>(ss * ss);
+  for (int64_t oi = 0; oi < size; ++oi) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t i = oi * ss; i < (oi + 1) * ss; ++i) {
+      const double Y = (static_cast<double>(i) + 0.5) * to64;
+      for (int64_t j = 0; j < res; ++j) {
+        const size_t p = static_cast<size_t>(i * res + j);
+        const double X = (static_cast<double>(j) + 0.5) * to64;
+        const double* col0;
+        const double* col1;
+        double t = 0.0;
+        if (mask[p]) {
+          if (a.outline == Outline::outlined && dist2[p] <= band2) {
+            col0 = col1 = outline;
+            t = 0.0;
+          } else {
+            col0 = fill;
+            col1 = fill_alt;
+            switch (a.pattern) {
+              case Pattern::solid: t = 0.0; break;
+              case Pattern::stripes:
+                t = fract((X + Y) / (std::sqrt(2.0) * detail::kStripePeriod64) + s.pattern_phase_x) >= 0.5 ? 1.0 : 0.0;
+                break;
+              case Pattern::checker: {
+                const double cx = std::floor(X / detail::kCheckerCell64 + s.pattern_phase_x);
+                const double cy = std::floor(Y / detail::kCheckerCell64 + s.pattern_phase_y);
+                t = std::fmod(std::fabs(cx + cy), 2.0);
+                break;
+              }
+              case Pattern::dots: {
+                const double fx = (fract(X / detail::kDotSpacing64 + s.pattern_phase_x) - 0.5) * detail::kDotSpacing64;
+                const double fy = (fract(Y / detail::kDotSpacing64 + s.pattern_phase_y) - 0.5) * detail::kDotSpacing64;
+                t = fx * fx + fy * fy <= detail::kDotRadius64 * detail::kDotRadius64 ? 1.0 : 0.0;
+                break;
+              }
+              case Pattern::gradient:
+                // From the silhouette's top row to its bottom row, so every gradient spans the full fill range.
+                t = std::clamp(static_cast<double>(i - top) / grad_span, 0.0, 1.0);
+                break;
+            }
+          }
+        } else {
+          col0 = bg;
+          col1 = bg_alt;
+          t = texture.empty() ? 0.0 : static_cast<double>(texture[p]);
+        }
+        double* px = &acc[static_cast<size_t>((j / ss) * 3)];
+        for (int ch = 0; ch < 3; ++ch) px[ch] += col0[ch] + (col1[ch] - col0[ch]) * t;
+      }
+    }
+    for (int64_t k = 0; k < size * 3; ++k) {
+      o[oi * size * 3 + k] = static_cast<uint8_t>(std::clamp(std::floor(acc[static_cast<size_t>(k)] * norm + 0.5), 0.0, 255.0));
+    }
   }
-  auto m = mask.unsqueeze(0);
-  return object_img * m + bg_img * (1.0 - m);
+  return out;
 }
 
 }  // namespace
@@ -331,12 +425,7 @@ Scene sample_scene(uint64_t seed, const AttributeConstraints& constraints) {
 
 at::Tensor render(const Scene& scene, const RenderOptions& options) {
   check_scene(scene, options);
-  const int64_t res = options.size * options.supersample;
-  auto img = render_supersampled(scene, res);
-  if (options.supersample > 1) {
-    img = at::avg_pool2d(img.unsqueeze(0), {options.supersample, options.supersample}).squeeze(0);
-  }
-  return img.round().clamp(0.0, 255.0).to(at::kByte).permute({1, 2, 0}).contiguous();
+  return render_pixels(scene, options.size, options.supersample);
 }
 
 at::Tensor render_batch(const std::vector<Scene>& scenes, const RenderOptions& options) {
@@ -396,16 +485,13 @@ namespace detail {
 namespace {
 
 // Even-odd inside test of a closed polygon given as (x, y) vertex pairs.
-at::Tensor inside_polygon(const std::vector<std::pair<double, double>>& v, const at::Tensor& x, const at::Tensor& y) {
-  at::Tensor in = at::zeros(at::broadcast_tensors({x, y})[0].sizes(), at::kBool);
+bool inside_polygon(const std::vector<std::pair<double, double>>& v, double x, double y) {
+  bool in = false;
   const size_t n = v.size();
   for (size_t i = 0, j = n - 1; i < n; j = i++) {
     const auto [xi, yi] = v[i];
     const auto [xj, yj] = v[j];
-    if (yi == yj) continue;  // horizontal edges never cross a horizontal ray
-    auto crosses = (y < yi) != (y < yj);
-    auto x_at = (y - yi) * ((xj - xi) / (yj - yi)) + xi;
-    in = in ^ (crosses & (x < x_at));
+    if ((y < yi) != (y < yj) && x < (y - yi) * ((xj - xi) / (yj - yi)) + xi) in = !in;
   }
   return in;
 }
@@ -423,10 +509,10 @@ std::vector<std::pair<double, double>> regular(int points, double outer, double 
 
 }  // namespace
 
-at::Tensor inside(Object object, const at::Tensor& x, const at::Tensor& y) {
+bool inside(Object object, double x, double y) {
   switch (object) {
-    case Object::circle: return (x * x + y * y) <= 1.0;
-    case Object::square: return at::maximum(x.abs(), y.abs()) <= 0.70;
+    case Object::circle: return x * x + y * y <= 1.0;
+    case Object::square: return std::max(std::fabs(x), std::fabs(y)) <= 0.70;
     case Object::triangle: {
       static const auto tri = regular(3, 1.0, 0.0);
       return inside_polygon(tri, x, y);
@@ -437,22 +523,21 @@ at::Tensor inside(Object object, const at::Tensor& x, const at::Tensor& y) {
     }
     case Object::heart: {
       // (X^2 + Y^2 - 1)^3 - X^2 Y^3 <= 0 with Y up, scaled and shifted so the unit circle bounds it.
-      auto X = x * 1.25;
-      auto Y = y * -1.25 + 0.25;
-      auto q = X * X + Y * Y - 1.0;
-      return (q * q * q - X * X * Y * Y * Y) <= 0.0;
+      const double X = x * 1.25, Y = y * -1.25 + 0.25;
+      const double q = X * X + Y * Y - 1.0;
+      return q * q * q - X * X * Y * Y * Y <= 0.0;
     }
-    case Object::diamond: return (x.abs() / 0.62 + y.abs()) <= 1.0;
+    case Object::diamond: return std::fabs(x) / 0.62 + std::fabs(y) <= 1.0;
     case Object::cross: {
-      auto ax = x.abs(), ay = y.abs();
-      return ((ax <= 0.32) & (ay <= 0.94)) | ((ay <= 0.32) & (ax <= 0.94));
+      const double ax = std::fabs(x), ay = std::fabs(y);
+      return (ax <= 0.32 && ay <= 0.94) || (ay <= 0.32 && ax <= 0.94);
     }
     case Object::crescent: {
-      auto inner_x = x - 0.45;
-      return ((x * x + y * y) <= 1.0) & ((inner_x * inner_x + y * y) > 0.75 * 0.75);
+      const double ix = x - 0.45;
+      return x * x + y * y <= 1.0 && ix * ix + y * y > 0.75 * 0.75;
     }
   }
-  throw Error(fmt::format("toy world: unknown object {}", static_cast<int>(object)));
+  return false;
 }
 
 at::Tensor erode(const at::Tensor& mask, int64_t radius) { return 1.0 - dilate(1.0 - mask, radius); }
