@@ -11,9 +11,10 @@
 //      templates of every class at every 5 degrees drawn with the renderer's own inside test; best soft IoU wins.
 //   4. outline: share of the silhouette's inner 3-pixel edge nearer the outline colour than to anything else the
 //      palette can produce there (fill, background and their blends).
-//   5. pattern: the fill coordinate (position along the fill segment, 3x3-smoothed against noise) inside the
-//      eroded mask: spread (solid vs the rest), plane fit (gradient), gradient-orientation coherence (stripes vs
-//      checker and dots) and mean (dots cover about a quarter, checker half).
+//   5. pattern: the fill coordinate (position along the fill segment) inside the eroded mask: its spread after 3x3
+//      smoothing (solid vs the rest), then the best of the plane fit's correlation (gradient) and each periodic
+//      pattern's normalised correlation, maximised over the pattern's phase (stripes, checker, dots); the gradient's
+//      is the correlation with the row.
 //   6. background: spread of the smoothed background coordinate away from the object (textured vs plain).
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -41,10 +42,6 @@ constexpr int kAngles = 72;             // template rotations (5 degrees apart)
 // Thresholds of the decisions (measured on renders with and without blur and noise; see tests/test_world.cpp).
 constexpr double kSolidSpread = 0.10;
 constexpr double kSolidPlaneR2 = 0.6;
-constexpr double kGradientScale = 0.95;  // typical clean-render values of the pattern scores
-constexpr double kStripesScale = 0.48;
-constexpr double kCheckerScale = 0.46;
-constexpr double kDotsScale = 0.37;
 constexpr double kTexturedSpread = 0.12;
 constexpr double kOutlineShare = 0.15;
 constexpr double kFillExplained = 25.0;  // colour distance within which a pixel counts as fill
@@ -242,6 +239,116 @@ const at::Tensor& template_sums() {
   return sums;
 }
 
+// Anti-aliased pattern models on the 64-pixel grid (4x4 subsamples per pixel, as rendered). The checker and dots
+// repeat every 16 and 12 pixels, so one tile per pattern, shifted by whole pixels, gives every phase to within half
+// a pixel; the diagonal stripes depend on i + j only, so one table per phase step.
+struct PatternModels {
+  static constexpr int kSub = 4;
+  static constexpr int kStripePhases = 20;
+  int checker_period = 0, dot_period = 0;
+  std::vector<double> checker, dots;  // [period * period]
+  std::vector<double> stripes;        // [kStripePhases][2 * 64]
+};
+
+const PatternModels& pattern_models() {
+  static const PatternModels m = [] {
+    PatternModels pm;
+    pm.checker_period = static_cast<int>(std::lround(2.0 * detail::kCheckerCell64));
+    pm.dot_period = static_cast<int>(std::lround(detail::kDotSpacing64));
+    const int sub = PatternModels::kSub;
+    auto sample = [&](int i, int j, auto&& fn) {
+      double acc = 0.0;
+      for (int a = 0; a < sub; ++a) {
+        for (int b = 0; b < sub; ++b) acc += fn(i + (a + 0.5) / sub, j + (b + 0.5) / sub);
+      }
+      return acc / (sub * sub);
+    };
+    const int pc = pm.checker_period, pd = pm.dot_period;
+    pm.checker.resize(static_cast<size_t>(pc * pc));
+    pm.dots.resize(static_cast<size_t>(pd * pd));
+    for (int i = 0; i < pc; ++i) {
+      for (int j = 0; j < pc; ++j) {
+        pm.checker[static_cast<size_t>(i * pc + j)] = sample(i, j, [&](double y, double x) {
+          return std::fmod(std::floor(x / detail::kCheckerCell64) + std::floor(y / detail::kCheckerCell64), 2.0);
+        });
+      }
+    }
+    for (int i = 0; i < pd; ++i) {
+      for (int j = 0; j < pd; ++j) {
+        pm.dots[static_cast<size_t>(i * pd + j)] = sample(i, j, [&](double y, double x) {
+          const double fx = (x - std::floor(x / pd) * pd) - pd / 2.0, fy = (y - std::floor(y / pd) * pd) - pd / 2.0;
+          return fx * fx + fy * fy <= detail::kDotRadius64 * detail::kDotRadius64 ? 1.0 : 0.0;
+        });
+      }
+    }
+    const int span = 2 * kSide;
+    pm.stripes.resize(static_cast<size_t>(PatternModels::kStripePhases * span));
+    const double period = std::sqrt(2.0) * detail::kStripePeriod64;
+    for (int ph = 0; ph < PatternModels::kStripePhases; ++ph) {
+      const double phase = static_cast<double>(ph) / PatternModels::kStripePhases;
+      for (int d = 0; d < span; ++d) {  // d = i + j; subsamples of pixel (i, j) sit at x + y = d + (a + b + 1) / sub
+        pm.stripes[static_cast<size_t>(ph * span + d)] = sample(d, 0, [&](double y, double x) {
+          const double u = (x + y) / period + phase;
+          return u - std::floor(u) >= 0.5 ? 1.0 : 0.0;
+        });
+      }
+    }
+    return pm;
+  }();
+  return m;
+}
+
+// Best normalised correlation of t (row-major [S, S]) over the pixels `idx` with the stripes, checker and dots
+// models, each maximised over its phases.
+std::array<double, 3> pattern_correlations(const double* t, const std::vector<int>& idx, int S) {
+  std::array<double, 3> best = {0.0, 0.0, 0.0};
+  const size_t n = idx.size();
+  if (n < 4) return best;
+  double mean = 0.0;
+  for (int p : idx) mean += t[p];
+  mean /= static_cast<double>(n);
+  std::vector<double> tc(n);
+  double tt = 0.0;
+  for (size_t k = 0; k < n; ++k) {
+    tc[k] = t[idx[k]] - mean;
+    tt += tc[k] * tc[k];
+  }
+  if (tt <= 1e-12) return best;
+  auto score = [&](auto&& model) {  // model(i, j) -> value; correlation with tc
+    double sp = 0.0, spp = 0.0, stp = 0.0;
+    for (size_t k = 0; k < n; ++k) {
+      const double v = model(idx[k] / S, idx[k] % S);
+      sp += v;
+      spp += v * v;
+      stp += tc[k] * v;
+    }
+    const double var_p = spp - sp * sp / static_cast<double>(n);
+    return var_p > 1e-9 ? stp / std::sqrt(var_p * tt) : 0.0;
+  };
+  const auto& pm = pattern_models();
+  const int span = 2 * kSide;
+  for (int ph = 0; ph < PatternModels::kStripePhases; ++ph) {
+    const double* row = &pm.stripes[static_cast<size_t>(ph * span)];
+    best[0] = std::max(best[0], score([&](int i, int j) { return row[i + j]; }));
+  }
+  const int pc = pm.checker_period, pd = pm.dot_period;
+  for (int a = 0; a < pc; ++a) {
+    for (int b = 0; b < pc; ++b) {
+      best[1] = std::max(best[1], score([&](int i, int j) {
+        return pm.checker[static_cast<size_t>(((i + a) % pc) * pc + (j + b) % pc)];
+      }));
+    }
+  }
+  for (int a = 0; a < pd; ++a) {
+    for (int b = 0; b < pd; ++b) {
+      best[2] = std::max(best[2], score([&](int i, int j) {
+        return pm.dots[static_cast<size_t>(((i + a) % pd) * pd + (j + b) % pd)];
+      }));
+    }
+  }
+  return best;
+}
+
 at::Tensor box3(const at::Tensor& field) {  // [S, S] -> [S, S], 3x3 mean (edges: mean of the pixels present)
   return at::avg_pool2d(field.unsqueeze(0).unsqueeze(0), {3, 3}, {1, 1}, {1, 1}, false, false).squeeze(0).squeeze(0);
 }
@@ -260,14 +367,19 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
   const auto P = hwc.view({S * S, 3});
   Evaluation ev;
 
-  // 1. Palette.
+  // 1. Palette. The image's outer frame is background in every rendered image (objects keep a margin), so there
+  // only the background segment may explain a pixel: a palette whose fill colours resemble another palette's
+  // background cannot claim that background as its object.
   const int n_pal = num_values(Attribute::palette);
+  auto frame = at::ones({S, S}, at::kBool);
+  frame.narrow(0, 2, S - 4).narrow(1, 2, S - 4).fill_(false);
+  frame = frame.view({S * S});
   for (int p = 0; p < n_pal; ++p) {
     const auto& pc = palette_colors(static_cast<Palette>(p));
     auto d_bg = segment(P, color(pc.background), color(pc.background_alt)).first;
     auto d_fill = segment(P, color(pc.fill), color(pc.fill_alt)).first;
     auto d_out = point_distance(P, color(pc.outline));
-    auto e = at::minimum(at::minimum(d_bg, d_fill), d_out).clamp_max(kClip);
+    auto e = at::where(frame, d_bg, at::minimum(at::minimum(d_bg, d_fill), d_out)).clamp_max(kClip);
     M.palette_error[static_cast<size_t>(p)] = (e * e).mean().item<float>();
   }
   std::vector<int> order(static_cast<size_t>(n_pal));
@@ -381,7 +493,7 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
     auto explained = interior & (segment(smooth, A, B).first.view({S, S}) < kFillExplained);
     if (explained.sum().item<int64_t>() >= 16) interior = explained;
     auto t = box3(t_fill.view({S, S}).clamp(-0.5, 1.5));
-    auto tv = t.masked_select(interior).to(at::kDouble);
+    auto tv = t.masked_select(interior).to(at::kDouble);  // smoothed: a third of the noise, for the solid test
     const int64_t n = tv.numel();
     M.interior_pixels = static_cast<int>(n);
     const double mean = tv.mean().item<double>();
@@ -405,50 +517,37 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
     }
     const double rvar = (tc - xc * bx - yc * by).pow(2).mean().item<double>();
     M.pattern_plane_r2 = var > 1e-9 ? static_cast<float>(1.0 - rvar / var) : 0.0f;
-    // Structure tensor of the fill coordinate (central differences), summed over the interior.
-    auto gx = at::zeros({S, S}, at::kFloat);
-    auto gy = at::zeros({S, S}, at::kFloat);
-    gx.narrow(1, 1, S - 2).copy_((t.narrow(1, 2, S - 2) - t.narrow(1, 0, S - 2)) * 0.5);
-    gy.narrow(0, 1, S - 2).copy_((t.narrow(0, 2, S - 2) - t.narrow(0, 0, S - 2)) * 0.5);
-    auto jxx = (gx * gx).masked_select(interior).sum().item<double>();
-    auto jyy = (gy * gy).masked_select(interior).sum().item<double>();
-    auto jxy = (gx * gy).masked_select(interior).sum().item<double>();
-    const double tr = jxx + jyy;
-    M.pattern_coherence = tr > 1e-9 ? static_cast<float>(std::sqrt((jxx - jyy) * (jxx - jyy) + 4 * jxy * jxy) / tr)
-                                    : 0.0f;
-    // Periodogram share of the variance at each pattern's fundamental frequencies (cycles per pixel of the 64-pixel
-    // image): the patterns are drawn in image coordinates, so their frequencies are known exactly.
+    // Best normalised correlation of the raw fill coordinate with each periodic pattern over all its phases (the
+    // patterns are drawn in image coordinates, so only the phase is unknown).
     {
-      auto tc2 = tc;
-      const double energy = (tc2 * tc2).sum().item<double>() * static_cast<double>(n);
-      auto rho = [&](double fx, double fy) {
-        auto phase = (xs * fx + ys * fy) * (2.0 * M_PI);
-        const double c = (tc2 * at::cos(phase)).sum().item<double>();
-        const double sn = (tc2 * at::sin(phase)).sum().item<double>();
-        return energy > 1e-12 ? (c * c + sn * sn) / energy : 0.0;
-      };
-      const double fs = 1.0 / (std::sqrt(2.0) * detail::kStripePeriod64);
-      const double fc = 1.0 / (2.0 * detail::kCheckerCell64);
-      const double fd = 1.0 / detail::kDotSpacing64;
-      M.rho_stripes = static_cast<float>(rho(fs, fs));
-      M.rho_stripes_cross = static_cast<float>(rho(fs, -fs));
-      // The checker has both diagonal fundamentals; stripes leak into the one near their own frequency only.
-      M.rho_checker = static_cast<float>(2.0 * std::min(rho(fc, fc), rho(fc, -fc)));
-      M.rho_dots = static_cast<float>(rho(fd, 0.0) + rho(0.0, fd));
+      const auto raw = t_fill.clamp(-0.5, 1.5).to(at::kDouble).contiguous();
+      const double* tr = raw.data_ptr<double>();
+      auto in_acc = interior.contiguous();
+      const bool* inside_px = in_acc.data_ptr<bool>();
+      std::vector<int> idx;
+      for (int64_t p = 0; p < S * S; ++p) {
+        if (inside_px[p]) idx.push_back(static_cast<int>(p));
+      }
+      const auto corr = pattern_correlations(tr, idx, static_cast<int>(S));
+      M.corr_stripes = static_cast<float>(corr[0]);
+      M.corr_checker = static_cast<float>(corr[1]);
+      M.corr_dots = static_cast<float>(corr[2]);
+      // The gradient runs from the fill colour at the top to the second colour at the bottom: correlation with
+      // the row (a tilted ramp, e.g. one stripe of a small object, correlates less).
+      const double syy_t = (yc * yc).sum().item<double>() * (tc * tc).sum().item<double>();
+      M.corr_gradient = syy_t > 1e-12 ? static_cast<float>(std::max(0.0, syt / std::sqrt(syy_t))) : 0.0f;
     }
-    // Solid when the fill coordinate barely varies; else the pattern whose signature is strongest, each score
-    // scaled by its typical value on clean renders: the plane fit for the gradient, the one-sided diagonal
-    // fundamental for stripes, both diagonal fundamentals for the checker, the axis fundamentals for dots.
+    // Solid when the fill coordinate barely varies (a gradient across a short interior varies little, but a plane
+    // explains it; noise on a solid fill it does not); else the best-correlated pattern.
     Pattern pat = Pattern::solid;
     double conf = std::min((kSolidSpread - M.pattern_spread) / kSolidSpread,
                            (kSolidPlaneR2 - M.pattern_plane_r2) / kSolidPlaneR2);
-    // A gradient across a short interior varies little, but a plane explains it; noise on a solid fill it does not.
     if (M.pattern_spread >= kSolidSpread || M.pattern_plane_r2 >= kSolidPlaneR2) {
       const std::array<std::pair<Pattern, double>, 4> scores = {{
-          {Pattern::gradient, M.pattern_plane_r2 / kGradientScale},
-          {Pattern::stripes, (M.rho_stripes - M.rho_stripes_cross) / kStripesScale},
-          {Pattern::checker, M.rho_checker / kCheckerScale},
-          {Pattern::dots, M.rho_dots / kDotsScale},
+          {Pattern::gradient, M.corr_gradient},
+          {Pattern::stripes, M.corr_stripes},
+          {Pattern::checker, M.corr_checker},
+          {Pattern::dots, M.corr_dots},
       }};
       size_t best = 0;
       for (size_t k = 1; k < scores.size(); ++k) {
@@ -459,7 +558,7 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
         if (k != best) second = std::max(second, scores[k].second);
       }
       pat = scores[best].first;
-      conf = (scores[best].second - second) / std::max(scores[best].second, 1e-6);
+      conf = (scores[best].second - second) / std::max(scores[best].second, 1e-6) / 0.2;
     }
     ev.attributes.pattern = pat;
     ev.confidence[static_cast<size_t>(Attribute::pattern)] = clamp01(conf);
