@@ -248,6 +248,7 @@ TEST(toy_world, degrade_is_deterministic_and_does_what_it_says) {
   const auto img = toy::render(toy::sample_scene(3));
   toy::Degradation d;
   EXPECT_TRUE(at::equal(toy::degrade(img, d, 1), img));  // nothing asked, nothing done
+  d.warp = 2.0;
   d.blur_sigma = 1.0;
   d.noise_sigma = 8.0;
   d.color_shift = 10.0;
@@ -392,6 +393,15 @@ TEST(toy_evaluate, robust_to_blur_noise_and_colour_shift) {
   const auto hard = measure(kHeldOutSeed, kHeldOutCount, &heavy);
   report("blur 1.5 px + noise 12 + colour shift 15", hard);
   for (const auto& t : hard) EXPECT_GE(t.accuracy(), 0.95) << toy::attribute_name(t.attribute());
+
+  toy::Degradation wobbly;  // a small model's shapes are not exact either
+  wobbly.warp = 2.0;
+  wobbly.blur_sigma = 1.0;
+  wobbly.noise_sigma = 8.0;
+  wobbly.color_shift = 10.0;
+  const auto warped = measure(kHeldOutSeed, kHeldOutCount, &wobbly);
+  report("warp 2 px + blur 1.0 px + noise 8 + colour shift 10", warped);
+  for (const auto& t : warped) EXPECT_GE(t.accuracy(), 0.95) << toy::attribute_name(t.attribute());
 }
 
 TEST(toy_evaluate, accepts_float_chw_and_other_sizes) {

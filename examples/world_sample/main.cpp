@@ -5,8 +5,8 @@
 // Writes into DIR (default "world_sample"):
 //   objects.png   one row per object, 12 random styles each (captions in objects.txt, row by row)
 //   styles.png    one row per palette: the five patterns plain/no outline, then textured/outlined
-//   degraded.png  the objects sheet's first 4 columns with blur 1.0 px + noise 8, then blur 1.5 px + noise 12 +
-//                 colour shift 15
+//   degraded.png  the objects sheet's first 4 columns three times: blur 1.0 px + noise 8; blur 1.5 px + noise 12 +
+//                 colour shift 15; warp 2 px + blur 1.0 px + noise 8 + colour shift 10
 // and prints what the evaluators read from every image of the sheets (mismatches listed).
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -117,11 +117,17 @@ int main(int argc, char** argv) {
     heavy.blur_sigma = 1.5;
     heavy.noise_sigma = 12.0;
     heavy.color_shift = 15.0;
-    for (int level = 0; level < 2; ++level) {
+    toy::Degradation wobbly;
+    wobbly.warp = 2.0;
+    wobbly.blur_sigma = 1.0;
+    wobbly.noise_sigma = 8.0;
+    wobbly.color_shift = 10.0;
+    const toy::Degradation* levels[3] = {&light, &heavy, &wobbly};
+    for (int level = 0; level < 3; ++level) {
       for (int o = 0; o < toy::num_values(toy::Attribute::object); ++o) {
         for (int c = 0; c < 4; ++c) {
           const size_t i = static_cast<size_t>(o * columns + c);
-          degraded.images.push_back(toy::degrade(objects.images[i], level ? heavy : light, i));
+          degraded.images.push_back(toy::degrade(objects.images[i], *levels[level], i));
           degraded.truth.push_back(objects.truth[i]);
         }
       }

@@ -436,14 +436,58 @@ at::Tensor render_batch(const std::vector<Scene>& scenes, const RenderOptions& o
   return at::stack(images);
 }
 
+namespace {
+
+// Resamples [1, 3, H, W] at positions displaced by a smooth random field (value noise on a 5x5 lattice per axis,
+// up to `amplitude` pixels), bilinearly, clamping at the border.
+at::Tensor warp_image(const at::Tensor& x, double amplitude, std::mt19937_64& rng) {
+  const int64_t h = x.size(2), w = x.size(3);
+  const int n = 5;
+  std::array<std::vector<double>, 2> grid;
+  for (auto& g : grid) {
+    g.resize(static_cast<size_t>(n * n));
+    for (auto& v : g) v = detail::uniform(rng, -amplitude, amplitude);
+  }
+  const auto wy = lattice_weights(h, n), wx = lattice_weights(w, n);
+  auto field = [&](const std::vector<double>& g, int64_t i, int64_t j) {
+    const auto [k, fy] = wy[static_cast<size_t>(i)];
+    const auto [l, fx] = wx[static_cast<size_t>(j)];
+    auto at_ = [&](int a, int b) { return g[static_cast<size_t>(a * n + b)]; };
+    return (at_(k, l) * (1 - fx) + at_(k, l + 1) * fx) * (1 - fy) + (at_(k + 1, l) * (1 - fx) + at_(k + 1, l + 1) * fx) * fy;
+  };
+  auto src = x.contiguous();
+  auto out = at::empty_like(src);
+  const float* in = src.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < h; ++i) {
+    for (int64_t j = 0; j < w; ++j) {
+      const double sy = std::clamp(static_cast<double>(i) + field(grid[0], i, j), 0.0, static_cast<double>(h - 1));
+      const double sx = std::clamp(static_cast<double>(j) + field(grid[1], i, j), 0.0, static_cast<double>(w - 1));
+      const int64_t y0 = std::min<int64_t>(static_cast<int64_t>(sy), h - 2), x0 = std::min<int64_t>(static_cast<int64_t>(sx), w - 2);
+      const double fy = sy - static_cast<double>(y0), fx = sx - static_cast<double>(x0);
+      for (int64_t c = 0; c < 3; ++c) {
+        const float* p = in + c * h * w;
+        const double v = (p[y0 * w + x0] * (1 - fx) + p[y0 * w + x0 + 1] * fx) * (1 - fy) +
+                         (p[(y0 + 1) * w + x0] * (1 - fx) + p[(y0 + 1) * w + x0 + 1] * fx) * fy;
+        o[c * h * w + i * w + j] = static_cast<float>(v);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 at::Tensor degrade(const at::Tensor& rgb, const Degradation& d, uint64_t seed) {
   if (!rgb.defined() || rgb.dim() != 3 || rgb.size(2) != 3 || rgb.scalar_type() != at::kByte) {
     throw Error("toy degrade: expected a uint8 [height, width, 3] image");
   }
-  if (!(d.blur_sigma >= 0.0) || !(d.noise_sigma >= 0.0) || !(d.color_shift >= 0.0)) {
-    throw Error("toy degrade: blur_sigma, noise_sigma and color_shift must be >= 0");
+  if (!(d.warp >= 0.0) || !(d.blur_sigma >= 0.0) || !(d.noise_sigma >= 0.0) || !(d.color_shift >= 0.0)) {
+    throw Error("toy degrade: warp, blur_sigma, noise_sigma and color_shift must be >= 0");
   }
+  std::mt19937_64 rng(seed);
   auto x = rgb.to(at::kFloat).permute({2, 0, 1}).unsqueeze(0).contiguous();  // [1, 3, H, W]
+  if (d.warp > 0.0) x = warp_image(x, d.warp, rng);
   if (d.blur_sigma > 0.0) {
     const int64_t radius = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(3.0 * d.blur_sigma)));
     auto k = at::arange(-radius, radius + 1, at::kFloat);
@@ -457,7 +501,6 @@ at::Tensor degrade(const at::Tensor& rgb, const Degradation& d, uint64_t seed) {
                               at::IntArrayRef{1, 1}, 3),
                    ky, no_bias, at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, 3);
   }
-  std::mt19937_64 rng(seed);
   if (d.color_shift > 0.0) {
     const float shift[3] = {static_cast<float>(detail::uniform(rng, -d.color_shift, d.color_shift)),
                             static_cast<float>(detail::uniform(rng, -d.color_shift, d.color_shift)),

@@ -173,12 +173,13 @@ at::Tensor render_batch(const std::vector<Scene>& scenes, const RenderOptions& o
 
 /// What degrade() does to an image; zero fields do nothing.
 struct Degradation {
+  double warp = 0.0;         ///< smooth random displacement of up to this many pixels (wobbly shapes)
   double blur_sigma = 0.0;   ///< Gaussian blur, pixels
   double noise_sigma = 0.0;  ///< additive Gaussian noise per channel, 0..255 units
   double color_shift = 0.0;  ///< one offset per channel for the whole image, uniform in [-shift, shift]
 };
 
-/// Blurs, then shifts colours, then adds noise to a uint8 [H, W, 3] image (random parts seeded by `seed`),
+/// Warps, blurs, shifts colours, then adds noise to a uint8 [H, W, 3] image (random parts seeded by `seed`),
 /// returning uint8: a stand-in for the softness and colour drift of a small diffusion model's samples when testing
 /// evaluators, or a training augmentation. Throws stylealigned::Error for a bad image or negative field.
 at::Tensor degrade(const at::Tensor& rgb, const Degradation& degradation, uint64_t seed);
