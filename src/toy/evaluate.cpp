@@ -35,6 +35,7 @@ namespace {
 
 constexpr int64_t kSide = 64;           // analysis resolution
 constexpr double kClip = 50.0;          // colour-model error clip (0..255 units)
+constexpr double kMaxCast = 25.0;       // largest global colour offset undone (0..255 units)
 constexpr int64_t kGrid = 40;           // template grid side
 constexpr double kExtent = 1.3;         // template half-extent in units of sqrt(area)
 constexpr int kAngles = 72;             // template rotations (5 degrees apart)
@@ -394,13 +395,22 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
     ev.confidence[static_cast<size_t>(Attribute::palette)] = clamp01(1.0 - best / std::max(second, 1e-6));
   }
 
-  // 2. Object mask under the chosen palette.
+  // 2. Object mask under the chosen palette, after undoing a global colour cast (a generated image's colours
+  // drift): the median offset of the image's frame from the background segment, at most kMaxCast per channel.
   const auto& pc = palette_colors(palette);
   const auto A = color(pc.fill), B = color(pc.fill_alt), G = color(pc.background), G2 = color(pc.background_alt);
   const auto O = color(pc.outline);
-  auto [d_bg, t_bg] = segment(P, G, G2);
-  auto [d_fill, t_fill] = segment(P, A, B);
-  auto d_out = point_distance(P, O);
+  at::Tensor Pc;
+  {
+    auto Pf = P.index({frame});
+    auto gg = G2 - G;
+    auto t = (at::matmul(Pf - G, gg) / gg.dot(gg)).clamp(0.0, 1.0);
+    auto cast = std::get<0>((Pf - (G + t.unsqueeze(1) * gg)).median(0)).clamp(-kMaxCast, kMaxCast);
+    Pc = P - cast;
+  }
+  auto [d_bg, t_bg] = segment(Pc, G, G2);
+  auto [d_fill, t_fill] = segment(Pc, A, B);
+  auto d_out = point_distance(Pc, O);
   auto d_obj = at::minimum(d_fill, d_out);
   auto soft = (d_bg / (d_bg + d_obj + 1e-3)).view({S, S});
   auto mask = clean_mask((d_obj < d_bg).view({S, S}));
@@ -469,7 +479,7 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
     auto ring = (maskf - detail::erode(maskf, 3)).view({S * S}) > 0.5;
     const double n = ring.sum().item<double>();
     if (n > 0) {
-      auto Pr = P.index({ring});
+      auto Pr = Pc.index({ring});
       auto q = nearest_on_segments(Pr, {{A, B}, {G, G2}, {A, G}, {B, G}, {A, G2}, {B, G2}});
       auto v = O - q;
       auto alpha = ((Pr - q) * v).sum(1) / (v * v).sum(1).clamp_min(1.0);
@@ -488,7 +498,7 @@ Evaluation evaluate_measured(const at::Tensor& image, Measurements* meas) {
     if (interior.sum().item<int64_t>() < 4) interior = mask;
     // Only pixels the fill segment explains (measured on the 3x3-smoothed image, where noise is a third): blur
     // mixes background and outline into the silhouette's edge.
-    auto smooth = at::avg_pool2d(hwc.permute({2, 0, 1}).unsqueeze(0), {3, 3}, {1, 1}, {1, 1}, false, false)
+    auto smooth = at::avg_pool2d(Pc.view({S, S, 3}).permute({2, 0, 1}).unsqueeze(0), {3, 3}, {1, 1}, {1, 1}, false, false)
                       .squeeze(0).permute({1, 2, 0}).reshape({S * S, 3});
     auto explained = interior & (segment(smooth, A, B).first.view({S, S}) < kFillExplained);
     if (explained.sum().item<int64_t>() >= 16) interior = explained;
