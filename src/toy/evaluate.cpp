@@ -3,18 +3,20 @@
 // Order of the analysis, each step using the previous ones:
 //   1. palette: the palette whose colour model explains the pixels best. A palette's model is three parts: the
 //      background segment (background .. background_alt in RGB), the fill segment (fill .. fill_alt) and the outline
-//      colour; a pixel's error is its distance to the nearest part, clipped so the blurred edge pixels (mixtures no
-//      palette models) weigh the same for every palette.
-//   2. object mask: pixels nearer the fill segment or the outline colour than the background segment; the largest
+//      colour; a pixel's error is its distance to the nearest part (only the background segment for the image's
+//      2-pixel frame, which is background in every render), clipped so the blurred edge pixels (mixtures no palette
+//      models) weigh the same for every palette.
+//   2. colour cast and object mask: the frame's median offset from the background segment is subtracted from the
+//      image; then pixels nearer the fill segment or the outline colour than the background segment, the largest
 //      4-connected component with its holes filled.
 //   3. object: the silhouette, normalised for position (centroid) and scale (square root of the area), against
 //      templates of every class at every 5 degrees drawn with the renderer's own inside test; best soft IoU wins.
-//   4. outline: share of the silhouette's inner 3-pixel edge nearer the outline colour than to anything else the
-//      palette can produce there (fill, background and their blends).
+//   4. outline: along the silhouette's inner 3-pixel edge, the mean share of the way each pixel has moved from the
+//      nearest colour the palette can produce there without an outline (fill, background and their blends) towards
+//      the outline colour.
 //   5. pattern: the fill coordinate (position along the fill segment) inside the eroded mask: its spread after 3x3
-//      smoothing (solid vs the rest), then the best of the plane fit's correlation (gradient) and each periodic
-//      pattern's normalised correlation, maximised over the pattern's phase (stripes, checker, dots); the gradient's
-//      is the correlation with the row.
+//      smoothing (solid vs the rest), then the best of each periodic pattern's normalised correlation, maximised
+//      over the pattern's phase (stripes, checker, dots), and the correlation with the row (gradient).
 //   6. background: spread of the smoothed background coordinate away from the object (textured vs plain).
 #include <ATen/ATen.h>
 #include <fmt/format.h>

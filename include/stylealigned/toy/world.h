@@ -239,14 +239,16 @@ struct Evaluation {
 
 /// Reads object, palette, pattern, background and outline from one image: uint8 [H, W, 3] (0..255) or float
 /// [3, H, W] in [0, 1], square, at least 16 pixels (resized to 64x64 when different). Throws stylealigned::Error for
-/// other shapes or dtypes. Thread-safe.
+/// other shapes or dtypes. Thread-safe; about 10 ms on one core (the first call builds the templates, ~0.4 s).
 ///
-/// How: the palette is the one whose colour model (background segment, fill segment, outline colour) explains the
-/// pixels best; pixels nearer the fill or outline colours form the object mask; the object is the class whose
-/// silhouette template (normalised for position, scale and rotation) overlaps the mask best; the pattern comes from
-/// the fill-colour coordinate inside the mask (spread, plane fit, orientation coherence, share of the second
-/// colour); the background from the spread of the background-colour coordinate outside the mask; the outline from
-/// the share of outline-coloured pixels along the silhouette's inner edge.
+/// How: the palette is the one whose colour model (background segment, fill segment, outline colour; the image's
+/// outer frame may only be background) explains the pixels best; a global colour cast is then undone; pixels
+/// nearer the fill or outline colours than the background form the object mask; the object is the class whose
+/// silhouette template (normalised for position, scale and rotation) overlaps the mask best; the outline is read
+/// from how much outline colour the silhouette's inner edge holds; the pattern from the fill coordinate inside the
+/// mask (its spread for solid, else the best normalised correlation with each pattern, maximised over the phase,
+/// or with the row for the gradient); the background from the spread of the background coordinate away from it.
+/// Measured accuracy: tests/test_world.cpp prints confusion tables for clean and degraded renders.
 Evaluation evaluate(const at::Tensor& image);
 /// evaluate for each image of uint8 [N, H, W, 3] or float [N, 3, H, W].
 std::vector<Evaluation> evaluate_batch(const at::Tensor& images);
