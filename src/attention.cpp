@@ -1,0 +1,332 @@
+#include "stylealigned/attention.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "internal/attention_kernel.h"
+#include "internal/softmax_rows.h"
+#include "internal/torch_compat.h"
+#include "stylealigned/error.h"
+
+namespace stylealigned {
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  return fmt::format("[{}]", fmt::join(t.sizes(), ", "));
+}
+
+bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+bool needs_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+}
+
+// Query rows per chunk so that rows_per_chunk x kv_tokens x (batch x heads) scores stay within the limit.
+int64_t query_chunk(int64_t q_tokens, int64_t kv_tokens, int64_t batch_heads, int64_t max_score_elements) {
+  const int64_t per_query = std::max<int64_t>(1, kv_tokens * batch_heads);
+  return std::clamp<int64_t>(max_score_elements / per_query, 1, std::max<int64_t>(q_tokens, 1));
+}
+
+// Differentiable reference path: plain libtorch ops per query chunk (score blocks bounded, then concatenated).
+detail::KernelResult autograd_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                        double shift, const AttentionOptions& options, bool want_lse) {
+  const int64_t nq = q.size(2);
+  const int64_t chunk = query_chunk(nq, k.size(2), q.size(0) * q.size(1), options.max_score_elements);
+  const at::Tensor kt = k.transpose(-2, -1);
+  std::vector<at::Tensor> outs, lses;
+  for (int64_t s = 0; s < nq; s += chunk) {
+    at::Tensor scores = at::matmul(q.narrow(2, s, std::min(chunk, nq - s)), kt).mul(scale);
+    if (want_lse) lses.push_back(at::logsumexp(scores, {-1}).add(shift));
+    outs.push_back(at::matmul(at::softmax(scores, -1), v));
+  }
+  detail::KernelResult r;
+  r.out = outs.size() == 1 ? outs[0] : at::cat(outs, 2);
+  if (want_lse) r.lse = lses.size() == 1 ? lses[0] : at::cat(lses, 2);
+  return r;
+}
+
+}  // namespace
+
+namespace detail {
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::string_view what,
+                            bool allow_kv_broadcast) {
+  if (!q.defined() || !k.defined() || !v.defined()) throw Error(fmt::format("{}: q, k and v must be defined", what));
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) {
+    throw Error(fmt::format("{}: q, k, v must be [batch, heads, tokens, head_dim]; got q {}, k {}, v {}", what,
+                            shape_of(q), shape_of(k), shape_of(v)));
+  }
+  const bool batch_ok = k.size(0) == v.size(0) &&
+                        (k.size(0) == q.size(0) || (allow_kv_broadcast && k.size(0) == 1));
+  if (!batch_ok || q.size(1) != k.size(1) || q.size(1) != v.size(1) || q.size(3) != k.size(3) ||
+      k.size(2) != v.size(2)) {
+    throw Error(fmt::format(
+        "{}: shapes do not fit: q {}, k {}, v {} (need equal heads, q and k head_dim equal, k and v tokens equal, "
+        "k/v batch equal to q's{})",
+        what, shape_of(q), shape_of(k), shape_of(v), allow_kv_broadcast ? " or 1" : ""));
+  }
+  if (k.size(2) == 0) throw Error(fmt::format("{}: k and v have no tokens", what));
+  if (!at::isFloatingType(q.scalar_type()) || q.scalar_type() != k.scalar_type() ||
+      q.scalar_type() != v.scalar_type()) {
+    throw Error(fmt::format("{}: q, k, v must share one floating dtype; got {}, {}, {}", what,
+                            c10::toString(q.scalar_type()), c10::toString(k.scalar_type()),
+                            c10::toString(v.scalar_type())));
+  }
+  if (q.device() != k.device() || q.device() != v.device()) {
+    throw Error(fmt::format("{}: q, k, v must be on one device; got {}, {}, {}", what, q.device().str(),
+                            k.device().str(), v.device().str()));
+  }
+}
+
+BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int64_t max_score_elements) {
+  // Blocks of ~1 MiB of scores keep the exp pass and the second GEMM's reads in L2 (measured best on an EPYC with
+  // 512 KiB-1 MiB L2 per core), while leaving the GEMMs at least a few dozen rows to work on.
+  constexpr int64_t kCacheBlockElements = int64_t{1} << 18;
+  const int64_t budget = std::max<int64_t>(1, std::min(max_score_elements, kCacheBlockElements));
+  BlockShape b;
+  b.queries = std::clamp<int64_t>(budget / std::max<int64_t>(kv_tokens, 1), 1, q_tokens);
+  if (b.queries < 32 && max_score_elements >= 32 * kv_tokens) b.queries = std::min<int64_t>(32, q_tokens);
+  b.heads = 1;
+  if (b.queries == q_tokens) {
+    b.heads = std::clamp<int64_t>(budget / std::max<int64_t>(q_tokens * kv_tokens, 1), 1, heads);
+  }
+  return b;
+}
+
+KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
+                               double shift, const AttentionOptions& options, bool want_lse, bool upcast) {
+  const bool upcast_now = is_reduced_float(q_in.scalar_type()) && (upcast || want_lse || q_in.is_cpu());
+  const at::ScalarType compute = upcast_now ? at::kFloat : q_in.scalar_type();
+  // The scale goes into q once (B·H·N·D multiplies) rather than into the GEMM: baddbmm's beta = 0 still reads the
+  // uninitialised block on libtorch's small-matrix path, where 0 · NaN poisons it.
+  const at::Tensor q = q_in.to(compute).mul(scale);
+  const at::Tensor k = k_in.to(compute);
+  const at::Tensor v = v_in.to(compute);
+
+  const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), nk = k.size(2), dv = v.size(3);
+  const bool kv_broadcast = k.size(0) == 1 && batch != 1;
+  // The output lives in [batch, tokens, heads, dim] memory: the caller's head merge is then a free view.
+  at::Tensor out = at::empty({batch, nq, heads, dv}, q.options()).permute({0, 2, 1, 3});
+  at::Tensor lse;
+  if (want_lse) lse = at::empty({batch, heads, nq}, q.options().dtype(at::kFloat));
+  if (nq == 0 || batch == 0) return {out, lse};
+
+  const BlockShape block = choose_block(heads, nq, nk, options.max_score_elements);
+  const bool fused = q.is_cpu() && compute == at::kFloat && detail::fast_exp_rows_available();
+  at::Tensor scores_buf = at::empty({block.heads * block.queries * nk}, q.options());
+  at::Tensor max_buf = at::empty({block.heads * block.queries}, q.options());
+  at::Tensor sum_buf = at::empty({block.heads * block.queries}, q.options());
+
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t kb = kv_broadcast ? 0 : b;
+    const at::Tensor qb = q[b], ktb = k[kb].transpose(-2, -1), vb = v[kb], ob = out[b];
+    for (int64_t h0 = 0; h0 < heads; h0 += block.heads) {
+      const int64_t hn = std::min(block.heads, heads - h0);
+      const at::Tensor qh = qb.narrow(0, h0, hn), kh = ktb.narrow(0, h0, hn), vh = vb.narrow(0, h0, hn);
+      const at::Tensor oh = ob.narrow(0, h0, hn);
+      for (int64_t s = 0; s < nq; s += block.queries) {
+        const int64_t cn = std::min(block.queries, nq - s);
+        const int64_t rows = hn * cn;
+        at::Tensor scores = scores_buf.narrow(0, 0, rows * nk).view({hn, cn, nk});
+        at::bmm_out(scores, qh.narrow(1, s, cn), kh);
+        at::Tensor row_max = max_buf.narrow(0, 0, rows).view({hn, cn, 1});
+        at::Tensor row_sum = sum_buf.narrow(0, 0, rows).view({hn, cn, 1});
+        if (fused) {
+          detail::exp_rows_inplace(scores.data_ptr<float>(), rows, nk, nk, row_max.data_ptr<float>(),
+                                   row_sum.data_ptr<float>());
+        } else {
+          at::amax_out(row_max, scores, {-1}, /*keepdim=*/true);
+          scores.sub_(row_max).exp_();
+          at::sum_out(row_sum, scores, {-1}, /*keepdim=*/true);
+        }
+        at::Tensor oc = oh.narrow(1, s, cn);
+        at::bmm_out(oc, scores, vh);
+        // Normalising the [cn, dv] output instead of the [cn, nk] probabilities saves a pass over the scores.
+        oc.div_(row_sum);
+        if (want_lse) {
+          at::Tensor l = lse[b].narrow(0, h0, hn).narrow(1, s, cn);
+          l.copy_(row_sum.squeeze(-1).log().add_(row_max.squeeze(-1)).add_(shift));
+        }
+      }
+    }
+  }
+  return {out, lse};
+}
+
+}  // namespace detail
+
+at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                        const AttentionOptions& options, bool upcast) {
+  detail::check_attention_inputs(q, k, v, "scaled_dot_product_attention", /*allow_kv_broadcast=*/false);
+  const bool to_float = upcast && is_reduced_float(q.scalar_type());
+#if STYLEALIGNED_HAS_SDPA
+  {
+    const at::Tensor qc = to_float ? q.to(at::kFloat) : q;
+    const at::Tensor kc = to_float ? k.to(at::kFloat) : k;
+    const at::Tensor vc = to_float ? v.to(at::kFloat) : v;
+    const int64_t nq = q.size(2);
+    const int64_t chunk = compat::sdpa_may_materialise_scores(q)
+                              ? query_chunk(nq, k.size(2), q.size(0) * q.size(1), options.max_score_elements)
+                              : nq;
+    std::vector<at::Tensor> outs;
+    for (int64_t s = 0; s < nq; s += chunk) {
+      outs.push_back(compat::sdpa(qc.narrow(2, s, std::min(chunk, nq - s)), kc, vc, scale));
+    }
+    at::Tensor out = outs.size() == 1 ? outs[0] : at::cat(outs, 2);
+    return out.to(q.scalar_type());
+  }
+#else
+  if (needs_grad(q, k, v)) {
+    const at::Tensor qc = to_float ? q.to(at::kFloat) : q;
+    const at::Tensor kc = to_float ? k.to(at::kFloat) : k;
+    const at::Tensor vc = to_float ? v.to(at::kFloat) : v;
+    return autograd_attention(qc, kc, vc, scale, 0.0, options, /*want_lse=*/false).out.to(q.scalar_type());
+  }
+  return detail::chunked_attention(q, k, v, scale, 0.0, options, /*want_lse=*/false, upcast).out.to(q.scalar_type());
+#endif
+}
+
+AttentionWithLse attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                    double logit_shift, const AttentionOptions& options) {
+  detail::check_attention_inputs(q, k, v, "attention_with_lse", /*allow_kv_broadcast=*/true);
+  if (!std::isfinite(scale) || !std::isfinite(logit_shift)) {
+    throw Error(fmt::format("attention_with_lse: scale ({}) and logit_shift ({}) must be finite", scale, logit_shift));
+  }
+  detail::KernelResult r;
+  if (needs_grad(q, k, v)) {
+    const bool to_float = is_reduced_float(q.scalar_type());
+    r = autograd_attention(to_float ? q.to(at::kFloat) : q, to_float ? k.to(at::kFloat) : k,
+                           to_float ? v.to(at::kFloat) : v, scale, logit_shift, options, /*want_lse=*/true);
+    r.lse = r.lse.to(at::kFloat);
+  } else {
+    r = detail::chunked_attention(q, k, v, scale, logit_shift, options, /*want_lse=*/true, /*upcast=*/true);
+  }
+  return {r.out, r.lse};
+}
+
+at::Tensor merge_attention(const AttentionWithLse& a, const AttentionWithLse& b) {
+  if (!a.out.defined() || !b.out.defined() || !a.lse.defined() || !b.lse.defined()) {
+    throw Error("merge_attention: both results need out and lse");
+  }
+  if (a.out.sizes() != b.out.sizes() || a.lse.sizes() != b.lse.sizes() ||
+      a.lse.sizes() != a.out.sizes().slice(0, a.out.dim() - 1)) {
+    throw Error(fmt::format("merge_attention: shapes do not fit: out {} and {}, lse {} and {}", shape_of(a.out),
+                            shape_of(b.out), shape_of(a.lse), shape_of(b.lse)));
+  }
+  // With m = max(lse_a, lse_b): w_a = e^{lse_a - m}, w_b = e^{lse_b - m} (one of them is exactly 1, neither can
+  // overflow), out = (w_a out_a + w_b out_b) / (w_a + w_b) = out_b + (w_a / (w_a + w_b)) (out_a - out_b).
+  const at::Tensor m = at::maximum(a.lse, b.lse);
+  const at::Tensor wa = (a.lse - m).exp_();
+  const at::Tensor wb = (b.lse - m).exp_();
+  const at::Tensor weight_a = (wa / (wa + wb)).unsqueeze(-1).to(a.out.scalar_type());
+  return at::lerp(b.out, a.out, weight_a);
+}
+
+at::Tensor DefaultAttentionProcessor::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const AttentionCall& call) {
+  return scaled_dot_product_attention(q, k, v, call.scale, options_, call.upcast);
+}
+
+std::shared_ptr<AttentionProcessor> default_attention_processor() {
+  static const std::shared_ptr<AttentionProcessor> instance = std::make_shared<DefaultAttentionProcessor>();
+  return instance;
+}
+
+// ---- ProcessorMap ----------------------------------------------------------------------------------------------
+
+namespace {
+constexpr std::string_view kProcessorSuffix = ".processor";
+
+std::string_view strip_processor_suffix(std::string_view name) {
+  if (name.size() > kProcessorSuffix.size() &&
+      name.substr(name.size() - kProcessorSuffix.size()) == kProcessorSuffix) {
+    name.remove_suffix(kProcessorSuffix.size());
+  }
+  return name;
+}
+
+bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
+std::vector<std::string> select_by_suffix(const std::vector<std::string>& layers, std::string_view suffix) {
+  std::vector<std::string> out;
+  for (const auto& name : layers) {
+    if (ends_with(strip_processor_suffix(name), suffix)) out.push_back(name);
+  }
+  return out;
+}
+}  // namespace
+
+ProcessorMap::ProcessorMap(std::vector<std::string> layers, std::shared_ptr<AttentionProcessor> fallback)
+    : fallback_(fallback ? std::move(fallback) : default_attention_processor()) {
+  layers_.reserve(layers.size());
+  for (auto& name : layers) {
+    std::string plain(strip_processor_suffix(name));
+    if (plain.empty()) throw Error("ProcessorMap: empty layer name");
+    if (std::find(layers_.begin(), layers_.end(), plain) != layers_.end()) {
+      throw Error(fmt::format("ProcessorMap: layer '{}' is listed twice", plain));
+    }
+    layers_.push_back(std::move(plain));
+  }
+  processors_.assign(layers_.size(), fallback_);
+}
+
+size_t ProcessorMap::index_of(std::string_view layer) const {
+  const std::string_view plain = strip_processor_suffix(layer);
+  const auto it = std::find(layers_.begin(), layers_.end(), plain);
+  if (it == layers_.end()) {
+    throw Error(fmt::format("ProcessorMap: no attention layer named '{}' (the model has {} attention layers{}{})",
+                            layer, layers_.size(), layers_.empty() ? "" : ", e.g. ",
+                            layers_.empty() ? "" : layers_.front()));
+  }
+  return static_cast<size_t>(it - layers_.begin());
+}
+
+bool ProcessorMap::contains(std::string_view layer) const {
+  return std::find(layers_.begin(), layers_.end(), strip_processor_suffix(layer)) != layers_.end();
+}
+
+void ProcessorMap::set(std::string_view layer, std::shared_ptr<AttentionProcessor> processor) {
+  const size_t i = index_of(layer);
+  if (!processor) throw Error(fmt::format("ProcessorMap::set: null processor for layer '{}'", layer));
+  processors_[i] = std::move(processor);
+}
+
+void ProcessorMap::set(const std::vector<std::string>& layers, const std::shared_ptr<AttentionProcessor>& processor) {
+  // Validate every name first so a bad list leaves the map unchanged.
+  std::vector<size_t> indices;
+  indices.reserve(layers.size());
+  for (const auto& name : layers) indices.push_back(index_of(name));
+  if (!processor) throw Error("ProcessorMap::set: null processor");
+  for (size_t i : indices) processors_[i] = processor;
+}
+
+void ProcessorMap::set_all(const std::shared_ptr<AttentionProcessor>& processor) {
+  if (!processor) throw Error("ProcessorMap::set_all: null processor");
+  std::fill(processors_.begin(), processors_.end(), processor);
+}
+
+void ProcessorMap::reset() { std::fill(processors_.begin(), processors_.end(), fallback_); }
+
+AttentionProcessor& ProcessorMap::at(std::string_view layer) const { return *processors_[index_of(layer)]; }
+
+std::shared_ptr<AttentionProcessor> ProcessorMap::get(std::string_view layer) const {
+  return processors_[index_of(layer)];
+}
+
+std::vector<std::string> select_self_attention(const std::vector<std::string>& layers) {
+  return select_by_suffix(layers, "attn1");
+}
+
+std::vector<std::string> select_cross_attention(const std::vector<std::string>& layers) {
+  return select_by_suffix(layers, "attn2");
+}
+
+}  // namespace stylealigned

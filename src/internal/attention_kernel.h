@@ -1,0 +1,37 @@
+// The chunked exact-attention kernel shared by the default and the StyleAligned processors (not part of the API).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string_view>
+
+#include "stylealigned/attention.h"
+
+namespace stylealigned::detail {
+
+struct KernelResult {
+  at::Tensor out;  ///< [batch, heads, q_tokens, v_dim]; memory in [batch, q_tokens, heads, v_dim] order
+  at::Tensor lse;  ///< [batch, heads, q_tokens] float32, defined only if asked for
+};
+
+/// Throws stylealigned::Error (prefixed by `what`) unless q, k, v are [batch, heads, tokens, dim] tensors that fit
+/// together; with `allow_kv_broadcast`, k and v may have batch 1.
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::string_view what,
+                            bool allow_kv_broadcast);
+
+/// Heads and query rows per score block.
+struct BlockShape {
+  int64_t heads = 1;
+  int64_t queries = 1;
+};
+/// At most max(options limit, one query row) scores per block, sized to stay cache-resident.
+BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int64_t max_score_elements);
+
+/// softmax(q kᵀ · scale + shift) v without autograd support (uses out= kernels and in-place passes). k and v with
+/// batch 1 are broadcast over q's batch. Reduced-precision inputs are computed in float32 when `upcast`, when an lse
+/// is wanted, or on CPU; the output keeps the compute dtype.
+KernelResult chunked_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                               double shift, const AttentionOptions& options, bool want_lse, bool upcast);
+
+}  // namespace stylealigned::detail

@@ -1,0 +1,145 @@
+#include "internal/softmax_rows.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define STYLEALIGNED_X86_AVX2_KERNEL 1
+#include <immintrin.h>
+#else
+#define STYLEALIGNED_X86_AVX2_KERNEL 0
+#endif
+
+namespace stylealigned::detail {
+namespace {
+
+void exp_rows_scalar(float* data, int64_t rows, int64_t cols, int64_t ld, float* row_max, float* row_sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = data + r * ld;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < cols; ++j) m = std::max(m, x[j]);
+    double s = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      x[j] = std::exp(x[j] - m);
+      s += x[j];
+    }
+    row_max[r] = m;
+    row_sum[r] = static_cast<float>(s);
+  }
+}
+
+#if STYLEALIGNED_X86_AVX2_KERNEL
+
+// e^x for x <= 0 (the caller subtracts the row max): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, and
+// the Cephes single-precision minimax polynomial for e^r (about 1 ulp). Inputs below -87.3 are clamped there, so
+// they give ~1e-38 instead of 0: nothing next to the row maximum's e^0 = 1. NaN stays NaN.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // max_ps returns its second operand for NaN: NaN propagates
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+__attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows, int64_t cols, int64_t ld,
+                                                       float* row_max, float* row_sum) {
+  const int64_t vec_end = cols - cols % 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = data + r * ld;
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < vec_end; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + j));
+    float m = hmax(vmax);
+    for (int64_t j = vec_end; j < cols; ++j) m = std::max(m, x[j]);
+    // Four accumulators keep the float sum short (and the FMA pipes busy).
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t j = 0;
+    for (; j + 32 <= vec_end; j += 32) {
+      const __m256 e0 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+      const __m256 e1 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm));
+      const __m256 e2 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j + 16), vm));
+      const __m256 e3 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j + 24), vm));
+      _mm256_storeu_ps(x + j, e0);
+      _mm256_storeu_ps(x + j + 8, e1);
+      _mm256_storeu_ps(x + j + 16, e2);
+      _mm256_storeu_ps(x + j + 24, e3);
+      s0 = _mm256_add_ps(s0, e0);
+      s1 = _mm256_add_ps(s1, e1);
+      s2 = _mm256_add_ps(s2, e2);
+      s3 = _mm256_add_ps(s3, e3);
+    }
+    for (; j < vec_end; j += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+      _mm256_storeu_ps(x + j, e);
+      s0 = _mm256_add_ps(s0, e);
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; j < cols; ++j) {
+      x[j] = std::exp(x[j] - m);
+      s += x[j];
+    }
+    row_max[r] = m;
+    row_sum[r] = s;
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+#endif
+
+}  // namespace
+
+bool fast_exp_rows_available() {
+#if STYLEALIGNED_X86_AVX2_KERNEL
+  return cpu_has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float* row_max, float* row_sum) {
+  const bool fast = fast_exp_rows_available();
+  // About 64k elements per task: enough work to amortise a thread hand-off, small enough to balance.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+#if STYLEALIGNED_X86_AVX2_KERNEL
+    if (fast) {
+      exp_rows_avx2(data + begin * ld, end - begin, cols, ld, row_max + begin, row_sum + begin);
+      return;
+    }
+#endif
+    (void)fast;
+    exp_rows_scalar(data + begin * ld, end - begin, cols, ld, row_max + begin, row_sum + begin);
+  });
+}
+
+}  // namespace stylealigned::detail

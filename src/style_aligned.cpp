@@ -1,0 +1,281 @@
+#include "stylealigned/style_aligned.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <cmath>
+#include <utility>
+
+#include "internal/attention_kernel.h"
+#include "stylealigned/error.h"
+
+namespace stylealigned {
+namespace {
+
+bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+at::Tensor reference_index(const BatchLayout& layout, const at::Device& device) {
+  const auto& refs = layout.reference_of_row();
+  return at::tensor(at::ArrayRef<int64_t>(refs.data(), refs.size()), at::dtype(at::kLong)).to(device);
+}
+
+// Consecutive target rows of a group (at most two spans: before and after the reference row).
+std::vector<std::pair<int64_t, int64_t>> target_spans(const CfgGroup& g) {
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  if (g.reference > g.begin) spans.emplace_back(g.begin, g.reference);
+  if (g.reference + 1 < g.end) spans.emplace_back(g.reference + 1, g.end);
+  return spans;
+}
+
+// AdaIN of `x` (rows of one group) to the given reference statistics, in the official operation order.
+at::Tensor adain_to(const at::Tensor& x, const at::Tensor& ref_mean, const at::Tensor& ref_std) {
+  auto [mean, std] = calc_mean_std(x);
+  return (x - mean).div_(std).mul_(ref_std).add_(ref_mean);
+}
+
+}  // namespace
+
+// ---- Options ---------------------------------------------------------------------------------------------------
+
+StyleAlignedOptions StyleAlignedOptions::sdxl_demo() {
+  StyleAlignedOptions o;
+  o.share_group_norm = false;
+  o.share_layer_norm = false;
+  return o;
+}
+
+StyleAlignedOptions StyleAlignedOptions::transfer_notebook() {
+  StyleAlignedOptions o;
+  o.share_group_norm = true;
+  o.share_layer_norm = true;
+  o.shared_score_shift = std::log(2.0);
+  o.shared_score_scale = 1.0;
+  return o;
+}
+
+void StyleAlignedOptions::validate() const {
+  if (!std::isfinite(shared_score_scale)) {
+    throw Error(fmt::format("StyleAlignedOptions: shared_score_scale must be finite, got {}", shared_score_scale));
+  }
+  if (!std::isfinite(shared_score_shift)) {
+    throw Error(fmt::format("StyleAlignedOptions: shared_score_shift must be finite, got {}", shared_score_shift));
+  }
+  if (!(only_self_level >= 0.0 && only_self_level <= 1.0)) {
+    throw Error(fmt::format("StyleAlignedOptions: only_self_level must lie in [0, 1], got {}", only_self_level));
+  }
+}
+
+std::string StyleAlignedOptions::to_string() const {
+  return fmt::format(
+      "share_group_norm={} share_layer_norm={} share_attention={} adain_queries={} adain_keys={} adain_values={} "
+      "full_attention_share={} shared_score_scale={} shared_score_shift={} only_self_level={}",
+      share_group_norm, share_layer_norm, share_attention, adain_queries, adain_keys, adain_values,
+      full_attention_share, shared_score_scale, shared_score_shift, only_self_level);
+}
+
+// ---- Tensor helpers --------------------------------------------------------------------------------------------
+
+std::pair<at::Tensor, at::Tensor> calc_mean_std(const at::Tensor& feat, double eps) {
+  if (!feat.defined() || feat.dim() < 2) {
+    throw Error("calc_mean_std: feat must have a token axis (-2) and a channel axis (-1)");
+  }
+  auto [var, mean] = at::var_mean(feat, {-2}, /*unbiased=*/true, /*keepdim=*/true);
+  return {mean, var.add_(eps).sqrt_()};
+}
+
+at::Tensor expand_first(const at::Tensor& feat, const BatchLayout& layout, double scale) {
+  if (!feat.defined() || feat.dim() < 1) throw Error("expand_first: feat must have a batch axis");
+  layout.check_batch(feat.size(0), "expand_first");
+  at::Tensor out = feat.index_select(0, reference_index(layout, feat.device()));
+  if (scale != 1.0) {
+    std::vector<double> factor(static_cast<size_t>(layout.batch_size()), scale);
+    for (const auto& g : layout.groups()) factor[static_cast<size_t>(g.reference)] = 1.0;
+    std::vector<int64_t> shape(static_cast<size_t>(feat.dim()), 1);
+    shape[0] = layout.batch_size();
+    out.mul_(at::tensor(factor, at::dtype(at::kDouble)).to(out.options()).view(shape));
+  }
+  return out;
+}
+
+at::Tensor concat_first(const at::Tensor& feat, int64_t dim, const BatchLayout& layout, double scale) {
+  return at::cat({feat, expand_first(feat, layout, scale)}, dim);
+}
+
+at::Tensor adain(const at::Tensor& feat, const BatchLayout& layout) {
+  if (!feat.defined() || feat.dim() < 3) throw Error("adain: feat must be [batch, ..., tokens, dim]");
+  layout.check_batch(feat.size(0), "adain");
+  auto [mean, std] = calc_mean_std(feat);
+  const at::Tensor idx = reference_index(layout, feat.device());
+  at::Tensor out = (feat - mean).div_(std).mul_(std.index_select(0, idx)).add_(mean.index_select(0, idx));
+  for (const auto& g : layout.groups()) out[g.reference].copy_(feat[g.reference]);
+  return out;
+}
+
+std::vector<bool> only_self_level_switch(int64_t self_layers, double level) {
+  if (self_layers < 0) throw Error(fmt::format("only_self_level_switch: negative layer count {}", self_layers));
+  if (!(level >= 0.0 && level <= 1.0)) {
+    throw Error(fmt::format("only_self_level must lie in [0, 1], got {}", level));
+  }
+  const auto n = static_cast<size_t>(self_layers);
+  if (level == 0.0) return std::vector<bool>(n, false);
+  if (level == 1.0) return std::vector<bool>(n, true);
+  // Same double arithmetic as the Python original, so float rounding lands on the same layers.
+  const bool flip = level > 0.5;
+  const double folded = flip ? 1.0 - level : level;
+  const auto switched = static_cast<int64_t>(folded * static_cast<double>(self_layers));
+  if (switched == 0) {
+    throw Error(fmt::format(
+        "only_self_level {} with {} self-attention layers selects no layer pattern (int({} * {}) = 0; the official "
+        "_get_switch_vec divides by zero here): use 0, 1, or a level in [{:.4g}, {:.4g}]",
+        level, self_layers, folded, self_layers, 1.0 / static_cast<double>(std::max<int64_t>(self_layers, 1)),
+        1.0 - 1.0 / static_cast<double>(std::max<int64_t>(self_layers, 1))));
+  }
+  const int64_t period = self_layers / switched;
+  std::vector<bool> out(n);
+  for (int64_t i = 0; i < self_layers; ++i) out[static_cast<size_t>(i)] = ((i % period) == 0) != flip;
+  return out;
+}
+
+// ---- Processor ---------------------------------------------------------------------------------------------------
+
+StyleAlignedProcessor::StyleAlignedProcessor(StyleAlignedOptions options, AttentionOptions attention)
+    : options_(options), attention_(attention) {
+  options_.validate();
+}
+
+at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                         const AttentionCall& call) {
+  if (call.kind == AttentionKind::cross_attention) {
+    return scaled_dot_product_attention(q_in, k_in, v_in, call.scale, attention_, call.upcast);
+  }
+  const std::string what = fmt::format("StyleAlignedProcessor (layer '{}')", call.layer);
+  detail::check_attention_inputs(q_in, k_in, v_in, what, /*allow_kv_broadcast=*/false);
+  if (k_in.size(2) != q_in.size(2)) {
+    throw Error(fmt::format("{}: self-attention needs as many key tokens as query tokens; got {} and {}", what,
+                            k_in.size(2), q_in.size(2)));
+  }
+  const BatchLayout& layout = call.layout;
+  layout.check_batch(q_in.size(0), what);
+  if (!layout.has_targets()) return scaled_dot_product_attention(q_in, k_in, v_in, call.scale, attention_, call.upcast);
+
+  const StyleAlignedOptions& o = options_;
+  const bool any_adain = !o.full_attention_share && (o.adain_queries || o.adain_keys || o.adain_values);
+  if (any_adain && q_in.size(2) < 2) {
+    throw Error(fmt::format("{}: AdaIN needs at least 2 tokens (unbiased variance over tokens); got {}", what,
+                            q_in.size(2)));
+  }
+
+  // The result is assembled in [batch, tokens, heads, dim] memory, like the default kernel's, so callers merge heads
+  // with a view.
+  const at::ScalarType out_dtype = q_in.scalar_type();
+  const int64_t heads = q_in.size(1), tokens = q_in.size(2), dv = v_in.size(3);
+  at::Tensor out = at::empty({q_in.size(0), tokens, heads, dv}, q_in.options()).permute({0, 2, 1, 3});
+
+  at::NoGradGuard no_grad;  // inference only: the kernels below use out= and in-place passes
+  const bool compute_float = is_reduced_float(out_dtype);
+  const at::Tensor q = compute_float ? q_in.to(at::kFloat) : q_in;
+  const at::Tensor k = compute_float ? k_in.to(at::kFloat) : k_in;
+  const at::Tensor v = compute_float ? v_in.to(at::kFloat) : v_in;
+
+  for (const CfgGroup& g : layout.groups()) {
+    if (o.full_attention_share) {
+      // Every row of the group attends to all tokens of all rows of the group: one sequence of size x tokens.
+      const int64_t n = g.size();
+      auto as_sequence = [&](const at::Tensor& t) {
+        return t.narrow(0, g.begin, n).transpose(0, 1).reshape({1, heads, n * tokens, t.size(3)});
+      };
+      at::Tensor seq = scaled_dot_product_attention(as_sequence(q), as_sequence(k), as_sequence(v), call.scale,
+                                                    attention_, call.upcast);
+      out.narrow(0, g.begin, n).copy_(seq.reshape({heads, n, tokens, dv}).transpose(0, 1));
+      continue;
+    }
+
+    const int64_t r = g.reference;
+    const at::Tensor qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
+    // The reference attends to [own ; own] upstream, which is exactly its plain self-attention.
+    out.narrow(0, r, 1).copy_(scaled_dot_product_attention(qr, kr, vr, call.scale, attention_, call.upcast));
+
+    at::Tensor q_mean, q_std, k_mean, k_std, v_mean, v_std;
+    if (o.adain_queries) std::tie(q_mean, q_std) = calc_mean_std(qr);
+    if (o.adain_keys) std::tie(k_mean, k_std) = calc_mean_std(kr);
+    if (o.adain_values) std::tie(v_mean, v_std) = calc_mean_std(vr);
+
+    for (const auto& [t0, t1] : target_spans(g)) {
+      const int64_t n = t1 - t0;
+      const at::Tensor qt = o.adain_queries ? adain_to(q.narrow(0, t0, n), q_mean, q_std) : q.narrow(0, t0, n);
+      const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t0, n), k_mean, k_std) : k.narrow(0, t0, n);
+      const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t0, n), v_mean, v_std) : v.narrow(0, t0, n);
+      at::Tensor result;
+      if (o.share_attention) {
+        // Own block, and the reference block with λ folded into the logit scale and the shift added to every
+        // reference logit; the reference's k/v (batch 1) are broadcast over the span, never copied.
+        const AttentionWithLse own = attention_with_lse(qt, kt, vt, call.scale, 0.0, attention_);
+        const AttentionWithLse shared =
+            attention_with_lse(qt, kr, vr, call.scale * o.shared_score_scale, o.shared_score_shift, attention_);
+        result = merge_attention(own, shared);
+      } else {
+        result = scaled_dot_product_attention(qt, kt, vt, call.scale, attention_, call.upcast);
+      }
+      out.narrow(0, t0, n).copy_(result);
+    }
+  }
+  return out;
+}
+
+// ---- Shared GroupNorm ----------------------------------------------------------------------------------------------
+
+at::Tensor SharedGroupNorm::group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
+                                       const at::Tensor& bias, double eps, const BatchLayout& layout) {
+  if (!x.defined() || x.dim() < 2) throw Error("SharedGroupNorm: input must be [batch, channels, ...]");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  if (groups <= 0 || channels % groups != 0) {
+    throw Error(fmt::format("SharedGroupNorm: {} channels do not split into {} groups", channels, groups));
+  }
+  if ((weight.defined() && weight.numel() != channels) || (bias.defined() && bias.numel() != channels)) {
+    throw Error(fmt::format("SharedGroupNorm: weight/bias must have {} elements (one per channel)", channels));
+  }
+  layout.check_batch(batch, "SharedGroupNorm");
+  const bool to_float = is_reduced_float(x.scalar_type());
+  const at::Tensor xf = to_float ? x.to(at::kFloat) : x;
+
+  // Biased per-(row, group) statistics, then the joint statistics of each row with its reference (equal counts):
+  // mean = (m + m_ref) / 2, var = (v + v_ref) / 2 + (m - m_ref)^2 / 4. A reference row pairs with itself, which
+  // gives back its own statistics exactly.
+  auto [var, mean] = at::var_mean(xf.reshape({batch, groups, -1}), {-1}, /*unbiased=*/false, /*keepdim=*/false);
+  const at::Tensor idx = reference_index(layout, x.device());
+  const at::Tensor mean_ref = mean.index_select(0, idx), var_ref = var.index_select(0, idx);
+  const at::Tensor joint_mean = (mean + mean_ref).mul_(0.5);
+  const at::Tensor joint_var = (var + var_ref).mul_(0.5).add_((mean - mean_ref).square_().mul_(0.25));
+  const at::Tensor rstd = joint_var.add(eps).rsqrt_();
+
+  // y = x * a + c per (row, channel), with a = rstd * weight and c = bias - mean * a.
+  const int64_t per_group = channels / groups;
+  at::Tensor a = rstd.repeat_interleave(per_group, 1);  // [batch, channels]
+  if (weight.defined()) a.mul_(weight.to(a.scalar_type()).view({1, channels}));
+  at::Tensor c = joint_mean.repeat_interleave(per_group, 1).mul_(a).neg_();
+  if (bias.defined()) c.add_(bias.to(c.scalar_type()).view({1, channels}));
+  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+  shape[0] = batch;
+  shape[1] = channels;
+  at::Tensor y = at::addcmul(c.view(shape), xf, a.view(shape));
+  return to_float ? y.to(x.scalar_type()) : y;
+}
+
+// ---- Installation --------------------------------------------------------------------------------------------------
+
+std::shared_ptr<NormHook> install_style_aligned(ProcessorMap& processors, const StyleAlignedOptions& options,
+                                                AttentionOptions attention) {
+  options.validate();
+  const std::vector<std::string> self_layers = select_self_attention(processors.layers());
+  const std::vector<bool> unshared =
+      only_self_level_switch(static_cast<int64_t>(self_layers.size()), options.only_self_level);
+  auto processor = std::make_shared<StyleAlignedProcessor>(options, attention);
+  processors.reset();
+  for (size_t i = 0; i < self_layers.size(); ++i) {
+    if (!unshared[i]) processors.set(self_layers[i], processor);
+  }
+  if (options.share_group_norm) return std::make_shared<SharedGroupNorm>();
+  return nullptr;
+}
+
+}  // namespace stylealigned

@@ -1,0 +1,290 @@
+// Attention core: exact chunked softmax attention, log-sum-exp merging, autograd, the processor map.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "internal/softmax_rows.h"
+#include "stylealigned/attention.h"
+#include "stylealigned/error.h"
+#include "support/test_support.h"
+
+using namespace stylealigned;
+
+namespace {
+
+// softmax(q kᵀ · scale + shift) v in float64 with plain libtorch ops: the yardstick.
+at::Tensor reference_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  auto s = at::matmul(q.to(at::kDouble), k.to(at::kDouble).transpose(-2, -1)) * scale;
+  return at::matmul(at::softmax(s, -1), v.to(at::kDouble));
+}
+
+at::Tensor reference_lse(const at::Tensor& q, const at::Tensor& k, double scale, double shift) {
+  auto s = at::matmul(q.to(at::kDouble), k.to(at::kDouble).transpose(-2, -1)) * scale + shift;
+  return at::logsumexp(s, {-1});
+}
+
+// Expects `fn` to throw stylealigned::Error whose message contains `needle`.
+template <class Fn>
+void expect_error(Fn&& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no stylealigned::Error thrown (expected one mentioning '" << needle << "')";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
+  }
+}
+
+}  // namespace
+
+TEST(attention, matches_reference_for_self_and_cross_shapes) {
+  at::manual_seed(1);
+  struct Shape {
+    int64_t b, h, nq, nk, d, dv;
+  };
+  for (const Shape s : {Shape{2, 3, 17, 17, 8, 8}, Shape{1, 2, 64, 77, 16, 16}, Shape{3, 1, 1, 5, 4, 6},
+                        Shape{2, 4, 130, 33, 64, 32}}) {
+    auto q = at::randn({s.b, s.h, s.nq, s.d}), k = at::randn({s.b, s.h, s.nk, s.d});
+    auto v = at::randn({s.b, s.h, s.nk, s.dv});
+    const double scale = 1.0 / std::sqrt(static_cast<double>(s.d));
+    auto out = scaled_dot_product_attention(q, k, v, scale);
+    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{s.b, s.h, s.nq, s.dv}));
+    EXPECT_ALLCLOSE(out, reference_attention(q, k, v, scale), 2e-6);
+  }
+}
+
+TEST(attention, chunked_equals_unchunked) {
+  at::manual_seed(2);
+  auto q = at::randn({2, 3, 50, 8}), k = at::randn({2, 3, 50, 8}), v = at::randn({2, 3, 50, 8});
+  auto whole = scaled_dot_product_attention(q, k, v, 0.3, AttentionOptions{int64_t{1} << 30});
+  for (int64_t limit : {1, 37, 50 * 7, 6 * 50 * 13}) {
+    auto chunked = scaled_dot_product_attention(q, k, v, 0.3, AttentionOptions{limit});
+    EXPECT_ALLCLOSE(chunked, whole, 1e-6) << "max_score_elements " << limit;
+  }
+  EXPECT_ALLCLOSE(whole, reference_attention(q, k, v, 0.3), 2e-6);
+}
+
+TEST(attention, non_contiguous_inputs_as_a_model_passes_them) {
+  // A model projects [B, N, C] and splits heads with a view + transpose: q, k, v arrive non-contiguous.
+  at::manual_seed(3);
+  const int64_t b = 2, n = 40, h = 4, d = 16;
+  auto x = at::randn({3, b, n, h * d});
+  auto split = [&](const at::Tensor& t) { return t.view({b, n, h, d}).transpose(1, 2); };
+  auto q = split(x[0]), k = split(x[1]), v = split(x[2]);
+  ASSERT_FALSE(q.is_contiguous());
+  auto out = scaled_dot_product_attention(q, k, v, 0.25, AttentionOptions{200});
+  EXPECT_ALLCLOSE(out, reference_attention(q, k, v, 0.25), 2e-6);
+  // The result is laid out so that merging heads back to [B, N, C] is a view.
+  EXPECT_TRUE(out.transpose(1, 2).is_contiguous());
+}
+
+TEST(attention, double_precision_uses_the_generic_path_exactly) {
+  at::manual_seed(4);
+  auto q = at::randn({1, 2, 33, 8}, at::kDouble), k = at::randn({1, 2, 21, 8}, at::kDouble);
+  auto v = at::randn({1, 2, 21, 8}, at::kDouble);
+  auto out = scaled_dot_product_attention(q, k, v, 0.4, AttentionOptions{100});
+  EXPECT_EQ(out.scalar_type(), at::kDouble);
+  EXPECT_ALLCLOSE(out, reference_attention(q, k, v, 0.4), 1e-12);
+}
+
+TEST(attention, half_inputs_with_upcast) {
+  at::manual_seed(5);
+  auto q = at::randn({1, 2, 24, 16}), k = at::randn({1, 2, 24, 16}), v = at::randn({1, 2, 24, 16});
+  for (bool upcast : {true, false}) {
+    auto out = scaled_dot_product_attention(q.to(at::kHalf), k.to(at::kHalf), v.to(at::kHalf), 0.25, {}, upcast);
+    EXPECT_EQ(out.scalar_type(), at::kHalf);
+    // Inputs rounded to half already move the result by ~1e-3.
+    EXPECT_ALLCLOSE(out, reference_attention(q.to(at::kHalf), k.to(at::kHalf), v.to(at::kHalf), 0.25), 2e-3);
+  }
+}
+
+TEST(attention, large_logits_stay_finite) {
+  auto q = at::randn({1, 1, 8, 4}) * 100, k = at::randn({1, 1, 300, 4}) * 100, v = at::randn({1, 1, 300, 4});
+  auto out = scaled_dot_product_attention(q, k, v, 1.0);
+  EXPECT_TRUE(out.isfinite().all().item<bool>());
+  EXPECT_ALLCLOSE(out, reference_attention(q, k, v, 1.0), 1e-5);
+}
+
+TEST(attention, fused_exp_rows_kernel) {
+  // Rows of awkward lengths (vector tails) and a wide value range, including values far below the row max.
+  at::manual_seed(6);
+  for (int64_t cols : {1, 7, 8, 31, 33, 4096 + 5}) {
+    auto x = at::randn({5, cols}) * 20;
+    x.index_put_({0, 0}, -200.0f);
+    auto ref = x.to(at::kDouble);
+    auto ref_max = std::get<0>(ref.max(-1, true));
+    auto ref_exp = (ref - ref_max).exp();
+    auto y = x.clone();
+    std::vector<float> row_max(5), row_sum(5);
+    stylealigned::detail::exp_rows_inplace(y.data_ptr<float>(), 5, cols, cols, row_max.data(), row_sum.data());
+    // Relative accuracy of a few float ulps.
+    EXPECT_ALLCLOSE(y, ref_exp, 4e-7) << "cols " << cols;
+    for (int64_t r = 0; r < 5; ++r) {
+      EXPECT_EQ(row_max[r], ref_max[r][0].item<double>());
+      EXPECT_NEAR(row_sum[r], ref_exp[r].sum().item<double>(), 1e-6 * ref_exp[r].sum().item<double>());
+    }
+  }
+  auto nan_row = at::zeros({1, 16});
+  nan_row.index_put_({0, 3}, std::numeric_limits<float>::quiet_NaN());
+  float m = 0, s = 0;
+  stylealigned::detail::exp_rows_inplace(nan_row.data_ptr<float>(), 1, 16, 16, &m, &s);
+  EXPECT_TRUE(std::isnan(s)) << "a NaN logit must not be hidden";
+}
+
+TEST(attention, lse_and_merge_equal_attention_over_concatenated_keys) {
+  at::manual_seed(7);
+  const double scale = 0.35, lambda = 0.6, shift = std::log(2.0);
+  auto q = at::randn({3, 2, 19, 8}), k_own = at::randn({3, 2, 19, 8}), v_own = at::randn({3, 2, 19, 8});
+  auto k_ref = at::randn({1, 2, 23, 8}), v_ref = at::randn({1, 2, 23, 8});
+  for (int64_t limit : {int64_t{1} << 22, int64_t{50}}) {
+    AttentionOptions opts{limit};
+    auto own = attention_with_lse(q, k_own, v_own, scale, 0.0, opts);
+    auto ref = attention_with_lse(q, k_ref, v_ref, scale * lambda, shift, opts);  // k/v broadcast from batch 1
+    EXPECT_EQ(own.lse.scalar_type(), at::kFloat);
+    EXPECT_ALLCLOSE(own.lse, reference_lse(q, k_own, scale, 0.0), 2e-6);
+    EXPECT_ALLCLOSE(ref.lse, reference_lse(q, k_ref.expand({3, -1, -1, -1}), scale * lambda, shift), 2e-6);
+    EXPECT_ALLCLOSE(ref.out, reference_attention(q, k_ref.expand({3, -1, -1, -1}), v_ref.expand({3, -1, -1, -1}),
+                                                 scale * lambda),
+                    2e-6);
+    // The same numbers from explicit logits over [K_own ; λ K_ref] with the shift on the reference columns.
+    auto kk = at::cat({k_own, k_ref.expand({3, -1, -1, -1}) * lambda}, 2).to(at::kDouble);
+    auto vv = at::cat({v_own, v_ref.expand({3, -1, -1, -1})}, 2).to(at::kDouble);
+    auto logits = at::matmul(q.to(at::kDouble), kk.transpose(-2, -1)) * scale;
+    logits.narrow(-1, 19, 23).add_(shift);
+    auto expected = at::matmul(at::softmax(logits, -1), vv);
+    EXPECT_ALLCLOSE(merge_attention(own, ref), expected, 2e-6);
+  }
+}
+
+TEST(attention, merge_is_stable_for_far_apart_lse) {
+  AttentionWithLse a{at::ones({1, 1, 2, 3}), at::tensor({1000.0f, -1000.0f}).view({1, 1, 2})};
+  AttentionWithLse b{at::zeros({1, 1, 2, 3}), at::tensor({-1000.0f, 1000.0f}).view({1, 1, 2})};
+  auto m = merge_attention(a, b);
+  EXPECT_TRUE(m.isfinite().all().item<bool>());
+  EXPECT_ALLCLOSE(m[0][0][0], at::ones({3}), 0.0);
+  EXPECT_ALLCLOSE(m[0][0][1], at::zeros({3}), 0.0);
+  expect_error([&] { merge_attention(a, AttentionWithLse{at::zeros({1, 1, 3, 3}), b.lse}); }, "shapes");
+}
+
+TEST(attention, autograd_through_default_processor_matches_softmax_reference) {
+  at::manual_seed(8);
+  auto make = [](std::vector<int64_t> shape) { return at::randn(shape, at::kDouble).requires_grad_(); };
+  auto q = make({2, 2, 13, 4}), k = make({2, 2, 9, 4}), v = make({2, 2, 9, 5});
+  auto w = at::randn({2, 2, 13, 5}, at::kDouble);
+  BatchLayout layout = BatchLayout::single_group(2);
+  DefaultAttentionProcessor proc(AttentionOptions{40});  // chunked: 40 scores per block
+  AttentionCall call{"down_blocks.0.attentions.0.transformer_blocks.0.attn2", AttentionKind::cross_attention, layout,
+                     0.5};
+  auto out = proc.attend(q, k, v, call);
+  ASSERT_TRUE(out.requires_grad());
+  (out * w).sum().backward();
+  auto gq = q.grad().clone(), gk = k.grad().clone(), gv = v.grad().clone();
+
+  auto q2 = q.detach().clone().requires_grad_(), k2 = k.detach().clone().requires_grad_();
+  auto v2 = v.detach().clone().requires_grad_();
+  auto ref = at::matmul(at::softmax(at::matmul(q2, k2.transpose(-2, -1)) * 0.5, -1), v2);
+  (ref * w).sum().backward();
+  EXPECT_ALLCLOSE(out, ref, 1e-12);
+  EXPECT_ALLCLOSE(gq, q2.grad(), 1e-12);
+  EXPECT_ALLCLOSE(gk, k2.grad(), 1e-12);
+  EXPECT_ALLCLOSE(gv, v2.grad(), 1e-12);
+
+  // And a finite-difference check of one input coordinate in float64.
+  const double eps = 1e-6;
+  auto loss = [&](const at::Tensor& qq) {
+    at::NoGradGuard g;
+    return (scaled_dot_product_attention(qq, k.detach(), v.detach(), 0.5, AttentionOptions{40}) * w)
+        .sum()
+        .item<double>();
+  };
+  auto qp = q.detach().clone(), qm = q.detach().clone();
+  qp[1][0][7][2] += eps;
+  qm[1][0][7][2] -= eps;
+  EXPECT_NEAR((loss(qp) - loss(qm)) / (2 * eps), gq[1][0][7][2].item<double>(), 1e-6);
+}
+
+TEST(attention, autograd_through_attention_with_lse) {
+  at::manual_seed(9);
+  auto q = at::randn({1, 1, 6, 4}, at::kDouble).requires_grad_();
+  auto k = at::randn({1, 1, 5, 4}, at::kDouble), v = at::randn({1, 1, 5, 4}, at::kDouble);
+  auto r = attention_with_lse(q, k, v, 0.5, 0.25);
+  (r.out.sum() + r.lse.sum()).backward();
+  auto q2 = q.detach().clone().requires_grad_();
+  auto s = at::matmul(q2, k.transpose(-2, -1)) * 0.5 + 0.25;
+  (at::matmul(at::softmax(s, -1), v).sum() + at::logsumexp(s, {-1}).sum()).backward();
+  EXPECT_ALLCLOSE(q.grad(), q2.grad(), 1e-12);
+}
+
+TEST(attention, bad_inputs_name_the_problem) {
+  auto q = at::randn({2, 2, 4, 8}), k = at::randn({2, 2, 4, 8}), v = at::randn({2, 2, 4, 8});
+  expect_error([&] { scaled_dot_product_attention(q[0], k, v, 1.0); }, "[batch, heads, tokens, head_dim]");
+  expect_error([&] { scaled_dot_product_attention(q, at::randn({2, 2, 4, 7}), v, 1.0); }, "head_dim");
+  expect_error([&] { scaled_dot_product_attention(q, k, at::randn({2, 2, 5, 8}), 1.0); }, "shapes do not fit");
+  expect_error([&] { scaled_dot_product_attention(q, k.narrow(0, 0, 1), v.narrow(0, 0, 1), 1.0); },
+               "shapes do not fit");
+  expect_error([&] { scaled_dot_product_attention(q, k.to(at::kDouble), v, 1.0); }, "dtype");
+  expect_error([&] { attention_with_lse(q, k, v, std::nan(""), 0.0); }, "finite");
+}
+
+// ---- Processor map ------------------------------------------------------------------------------------------------
+
+namespace {
+std::vector<std::string> toy_layers() {
+  return {"down_blocks.0.attentions.0.transformer_blocks.0.attn1", "down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+          "up_blocks.1.attentions.0.transformer_blocks.0.attn1", "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+          "mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0.transformer_blocks.0.attn2"};
+}
+
+class NamedProcessor : public AttentionProcessor {
+ public:
+  at::Tensor attend(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const AttentionCall&) override {
+    return q;
+  }
+  std::string name() const override { return "named"; }
+};
+}  // namespace
+
+TEST(processor_map, set_get_reset_and_suffix) {
+  ProcessorMap map(toy_layers());
+  EXPECT_EQ(map.layers().size(), 6u);
+  EXPECT_EQ(map.at(toy_layers()[0]).name(), "default");
+  auto custom = std::make_shared<NamedProcessor>();
+  map.set("mid_block.attentions.0.transformer_blocks.0.attn1.processor", custom);  // diffusers' key form
+  EXPECT_TRUE(map.contains("mid_block.attentions.0.transformer_blocks.0.attn1"));
+  EXPECT_EQ(map.get("mid_block.attentions.0.transformer_blocks.0.attn1"), custom);
+  EXPECT_EQ(map.at("mid_block.attentions.0.transformer_blocks.0.attn1.processor").name(), "named");
+  EXPECT_EQ(map.at(toy_layers()[1]).name(), "default");
+  map.set_all(custom);
+  for (const auto& l : map.layers()) EXPECT_EQ(map.get(l), custom);
+  map.reset();
+  for (const auto& l : map.layers()) EXPECT_EQ(map.get(l), default_attention_processor());
+  EXPECT_EQ(default_attention_processor(), default_attention_processor());
+}
+
+TEST(processor_map, unknown_names_are_errors_naming_the_layer) {
+  ProcessorMap map(toy_layers());
+  auto custom = std::make_shared<NamedProcessor>();
+  expect_error([&] { map.set("down_blocks.9.attn1", custom); }, "down_blocks.9.attn1");
+  expect_error([&] { map.at("nope"); }, "'nope'");
+  // A list with one bad name changes nothing.
+  expect_error([&] { map.set(std::vector<std::string>{toy_layers()[0], "bogus.attn1"}, custom); }, "bogus.attn1");
+  EXPECT_EQ(map.get(toy_layers()[0]), default_attention_processor());
+  expect_error([&] { map.set(toy_layers()[0], nullptr); }, toy_layers()[0]);
+  EXPECT_FALSE(map.contains("bogus"));
+}
+
+TEST(processor_map, select_self_and_cross_in_order) {
+  auto self = select_self_attention(toy_layers());
+  auto cross = select_cross_attention(toy_layers());
+  ASSERT_EQ(self.size(), 3u);
+  ASSERT_EQ(cross.size(), 3u);
+  EXPECT_EQ(self[0], toy_layers()[0]);
+  EXPECT_EQ(self[1], toy_layers()[2]);
+  EXPECT_EQ(self[2], toy_layers()[4]);
+  EXPECT_EQ(cross[2], toy_layers()[5]);
+  // diffusers' ".processor" keys select the same way.
+  EXPECT_EQ(select_self_attention({"a.attn1.processor", "a.attn2.processor", "attn10"}).size(), 1u);
+}
