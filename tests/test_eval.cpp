@@ -389,6 +389,30 @@ TEST(eval_models, dino_matches_transformers) {
   expect_error([&] { model->forward(at::zeros({1, 3, 48, 48})); }, {"pixel_values", "32"});
 }
 
+TEST(eval_models, real_sized_configs_have_transformers_parameter_counts) {
+  // Default configs are transformers' defaults: CLIPModel() is openai/clip-vit-base-patch32 (151,277,313 parameters)
+  // and ViTModel(add_pooling_layer=False) is ViT-B/16 (85,798,656). Built without initialisation: no weights touched.
+  auto count = [](const torch::nn::Module& m) {
+    int64_t n = 0;
+    for (const auto& p : m.parameters()) n += p.numel();
+    return n;
+  };
+  const auto clip = std::make_shared<models::CLIPModelImpl>(models::CLIPConfig{}, /*initialize=*/false);
+  EXPECT_EQ(count(*clip), 151277313);
+  const auto names = clip->named_parameters().keys();
+  for (const char* name : {"logit_scale", "text_projection.weight", "visual_projection.weight",
+                           "vision_model.pre_layrnorm.weight", "vision_model.embeddings.class_embedding",
+                           "vision_model.encoder.layers.11.mlp.fc2.bias",
+                           "text_model.encoder.layers.11.self_attn.out_proj.weight"}) {
+    EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
+  }
+  const auto vit = std::make_shared<models::ViTModelImpl>(models::ViTConfig{}, /*initialize=*/false);
+  EXPECT_EQ(count(*vit), 85798656);
+  models::ViTConfig dino_b8;
+  dino_b8.patch_size = 8;  // facebook/dino-vitb8
+  EXPECT_EQ(count(models::ViTModelImpl(dino_b8, false)), 85807872);
+}
+
 // Metrics on golden embeddings --------------------------------------------------------------------------------------
 
 TEST(eval_metrics, text_alignment_matches_golden) {
@@ -544,6 +568,18 @@ TEST(eval_errors, missing_folder_wrong_model_type_unreadable_image_small_set) {
   expect_error([&] { evaluator.score_set("lonely", {a}, {"a cat"}); }, {"lonely", "at least two images"});
   expect_error([&] { evaluator.dino().score({a}); }, {"at least two images"});
   expect_error([&] { eval::set_consistency(at::ones({1, 8})); }, {"at least two"});
+  // A processor configuration that leaves pictures of different shapes at different sizes cannot batch them.
+  const fs::path uncropped = dir / "clip_uncropped";
+  fs::create_directories(uncropped);
+  for (const auto& entry : fs::directory_iterator(clip_folder())) copy_into(entry.path(), uncropped);
+  write_text(
+      uncropped / "preprocessor_config.json",
+      R"({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28}, "do_center_crop": false})");
+  expect_error(
+      [&] {
+        eval::TextAlignmentScorer::from_folder(uncropped).image_embeds({a, b});
+      },
+      {"image 1", "no common size"});
   // Text counts must match (or be one for all).
   expect_error([&] { evaluator.score_set("mismatch", {a, b}, {"x", "y", "z"}); }, {"mismatch", "2 images but 3 texts"});
   const auto one_text = evaluator.score_set("shared text", {a, b}, {"a photo"});

@@ -21,12 +21,13 @@ void check_options(const ScorerOptions& options) {
   }
 }
 
-// Runs `embed` over [begin, end) slices of `images` of at most batch_size, preprocessed; concatenates the rows.
+// Runs `embed` over slices of at most batch_size preprocessed images and concatenates the rows.
 template <typename Embed>
 at::Tensor batched(const std::vector<at::Tensor>& images, const ImageProcessor& processor, int64_t batch_size,
                    const char* what, Embed&& embed) {
   if (images.empty()) throw Error(fmt::format("{}: no images", what));
   std::vector<at::Tensor> rows;
+  at::Tensor first;
   for (size_t begin = 0; begin < images.size(); begin += size_t(batch_size)) {
     const size_t end = std::min(images.size(), begin + size_t(batch_size));
     std::vector<at::Tensor> chunk;
@@ -35,6 +36,14 @@ at::Tensor batched(const std::vector<at::Tensor>& images, const ImageProcessor& 
         chunk.push_back(processor.preprocess(images[i]));
       } catch (const Error& e) {
         throw Error(fmt::format("{}: image {}: {}", what, i, e.what()));
+      }
+      if (!first.defined()) first = chunk.back();
+      if (chunk.back().sizes() != first.sizes()) {
+        throw Error(
+            fmt::format("{}: image {} preprocesses to {}x{} pixels but image 0 to {}x{}; this {} "
+                        "configuration gives no common size (no crop and no fixed resize)",
+                        what, i, chunk.back().size(2), chunk.back().size(3), first.size(2), first.size(3),
+                        processor.config().class_name));
       }
     }
     rows.push_back(embed(at::cat(chunk, 0)));
