@@ -194,12 +194,12 @@ TEST_F(LoadingTest, TruncatedFileIsRejectedBeforeLoading) {
 TEST_F(LoadingTest, EveryProblemIsReportedAtOnce) {
   Named broken;
   for (auto [name, t] : saved_) {
-    if (name == "scale") continue;                            // missing
-    if (name == "block.norm.bias") t = at::zeros({4});        // mis-shaped
-    if (name == "ids") t = t.to(at::kFloat);                  // wrong kind: float where the model has int64
+    if (name == "scale") continue;                      // missing
+    if (name == "block.norm.bias") t = at::zeros({4});  // mis-shaped
+    if (name == "ids") t = t.to(at::kFloat);            // wrong kind: float where the model has int64
     broken.emplace_back(name, t);
   }
-  broken.emplace_back("extra.weight", at::zeros({1}));        // unexpected
+  broken.emplace_back("extra.weight", at::zeros({1}));  // unexpected
   const auto file = dir_ / "broken.safetensors";
   io::save_safetensors(file, broken);
   Tiny target;
@@ -217,7 +217,8 @@ TEST_F(LoadingTest, HalfAndBFloat16FilesLoadIntoFloat32) {
     const auto file = dir_ / fmt::format("{}.safetensors", c10::toString(dtype));
     const Named stored = converted(saved_, dtype);
     io::save_safetensors(file, stored);
-    EXPECT_EQ(io::Checkpoint::open(file).info("fc.weight").dtype, dtype == at::kHalf ? io::DType::F16 : io::DType::BF16);
+    EXPECT_EQ(io::Checkpoint::open(file).info("fc.weight").dtype,
+              dtype == at::kHalf ? io::DType::F16 : io::DType::BF16);
     Tiny target;
     models::load_weights(*target, io::Checkpoint::open(file));
     // Exactly the stored values widened to float32; the integer buffer keeps its dtype.

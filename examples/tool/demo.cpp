@@ -1,6 +1,7 @@
 // `stylealigned demo`: StyleAligned on one self-attention layer with SDXL's head layout, on synthetic features in
 // which every image has its own per-channel "style" (offset and gain). Prints what changes and what must not.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 #include <sys/resource.h>
 

@@ -6,8 +6,8 @@
 #include <torch/nn/modules/container/modulelist.h>
 
 #include <cmath>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -98,9 +98,10 @@ void CLIPTextConfig::validate() const {
                             hidden_size, num_attention_heads));
   }
   if (!known_activation(hidden_act)) {
-    throw Error(fmt::format("CLIP text config: unsupported 'hidden_act' \"{}\" (expected quick_gelu, gelu, gelu_new "
-                            "or gelu_pytorch_tanh)",
-                            hidden_act));
+    throw Error(
+        fmt::format("CLIP text config: unsupported 'hidden_act' \"{}\" (expected quick_gelu, gelu, gelu_new "
+                    "or gelu_pytorch_tanh)",
+                    hidden_act));
   }
   if (!(layer_norm_eps > 0.0)) {
     throw Error(fmt::format("CLIP text config: 'layer_norm_eps' must be positive, got {}", layer_norm_eps));
@@ -164,9 +165,8 @@ class LayerNormImpl : public torch::nn::Module {
 class EmbeddingImpl : public torch::nn::Module {
  public:
   EmbeddingImpl(int64_t count, int64_t dim, bool initialize) {
-    weight_ = register_parameter("weight", new_parameter({count, dim}, initialize, [](at::Tensor& t) {
-      t.normal_(0.0, 0.02);  // transformers' CLIP initializer_range
-    }));
+    auto normal = [](at::Tensor& t) { t.normal_(0.0, 0.02); };  // transformers' CLIP initializer_range
+    weight_ = register_parameter("weight", new_parameter({count, dim}, initialize, normal));
   }
   at::Tensor forward(const at::Tensor& ids) { return at::embedding(weight_, ids); }
   const at::Tensor& weight() const { return weight_; }
@@ -243,8 +243,8 @@ class CLIPEncoderLayerImpl : public torch::nn::Module {
     self_attn_ =
         register_module("self_attn", std::make_shared<CLIPAttentionImpl>(c.hidden_size, c.num_attention_heads, init));
     layer_norm1_ = register_module("layer_norm1", layer_norm(c, init));
-    mlp_ = register_module("mlp",
-                           std::make_shared<CLIPMLPImpl>(c.hidden_size, c.intermediate_size, c.hidden_act, init));
+    mlp_ =
+        register_module("mlp", std::make_shared<CLIPMLPImpl>(c.hidden_size, c.intermediate_size, c.hidden_act, init));
     layer_norm2_ = register_module("layer_norm2", layer_norm(c, init));
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& allowed) {
@@ -337,6 +337,7 @@ class CLIPTextTransformerImpl : public torch::nn::Module {
   }
 
   const at::Tensor& token_weight() const { return embeddings_->token_weight(); }
+  at::Tensor final_layer_norm(const at::Tensor& x) { return final_layer_norm_->forward(x); }
 
  private:
   CLIPTextConfig config_;
@@ -360,9 +361,10 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config, bool initiali
 CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids, const CLIPTextForwardOptions& options) {
   if (!input_ids.defined() || input_ids.dim() != 2 || input_ids.size(0) == 0 || input_ids.size(1) == 0 ||
       at::isFloatingType(input_ids.scalar_type()) || input_ids.scalar_type() == at::kBool) {
-    throw Error(fmt::format("CLIP text encoder: input_ids must be a non-empty [batch, tokens] integer tensor, got {} {}",
-                            input_ids.defined() ? c10::toString(input_ids.scalar_type()) : "undefined",
-                            input_ids.defined() ? fmt::format("[{}]", fmt::join(input_ids.sizes(), ", ")) : ""));
+    throw Error(
+        fmt::format("CLIP text encoder: input_ids must be a non-empty [batch, tokens] integer tensor, got {} {}",
+                    input_ids.defined() ? c10::toString(input_ids.scalar_type()) : "undefined",
+                    input_ids.defined() ? fmt::format("[{}]", fmt::join(input_ids.sizes(), ", ")) : ""));
   }
   if (input_ids.size(1) > config_.max_position_embeddings) {
     throw Error(fmt::format("CLIP text encoder: {} tokens exceed max_position_embeddings {}", input_ids.size(1),
@@ -380,6 +382,10 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids, const CLI
     out.text_embeds = text_projection_->forward(out.pooler_output);
   }
   return out;
+}
+
+at::Tensor CLIPTextModelImpl::final_layer_norm(const at::Tensor& hidden_state) {
+  return text_model_->final_layer_norm(hidden_state);
 }
 
 std::shared_ptr<CLIPTextModelImpl> CLIPTextModelImpl::from_pretrained(const std::filesystem::path& folder,

@@ -106,10 +106,9 @@ LoadReport check_weights(const torch::nn::Module& module, const io::Checkpoint& 
     const bool same_shape = c10::IntArrayRef(info.shape) == slot.tensor.sizes();
     const bool same_kind = kind_of(info.dtype) == kind_of(slot.tensor.scalar_type());
     if (!same_shape || !same_kind) {
-      report.mismatched.push_back(fmt::format("{}: checkpoint {} {} vs model {} {}", slot.name,
-                                              io::dtype_name(info.dtype), shape_string(info.shape),
-                                              c10::toString(slot.tensor.scalar_type()),
-                                              shape_string(slot.tensor.sizes())));
+      report.mismatched.push_back(fmt::format(
+          "{}: checkpoint {} {} vs model {} {}", slot.name, io::dtype_name(info.dtype), shape_string(info.shape),
+          c10::toString(slot.tensor.scalar_type()), shape_string(slot.tensor.sizes())));
     }
   }
   const std::set<std::string, std::less<>> ignored(options.ignore.begin(), options.ignore.end());
@@ -132,16 +131,16 @@ void load_weights(torch::nn::Module& module, const io::Checkpoint& checkpoint, c
   const LoadReport report = check_weights(module, checkpoint, options);
   const bool unexpected_is_error = !report.unexpected.empty() && !options.allow_unexpected;
   if (!report.missing.empty() || !report.mismatched.empty() || unexpected_is_error) {
-    std::string message = fmt::format("{}: checkpoint does not match the {} module", checkpoint.path().string(),
-                                      module.name());
+    std::string message =
+        fmt::format("{}: checkpoint does not match the {} module", checkpoint.path().string(), module.name());
     append_list(message, "missing from the checkpoint", report.missing);
     append_list(message, "shape or dtype mismatch", report.mismatched);
     if (unexpected_is_error) append_list(message, "unexpected in the checkpoint", report.unexpected);
     throw Error(message);
   }
   if (!report.unexpected.empty()) {
-    std::string message = fmt::format("{}: ignoring checkpoint tensors the module does not have",
-                                      checkpoint.path().string());
+    std::string message =
+        fmt::format("{}: ignoring checkpoint tensors the module does not have", checkpoint.path().string());
     append_list(message, "unexpected", report.unexpected);
     warn(message);
   }
@@ -165,7 +164,8 @@ void load_weights(torch::nn::Module& module, const io::Checkpoint& checkpoint, c
 std::filesystem::path find_weights(const std::filesystem::path& folder, const std::vector<std::string>& stems,
                                    bool prefer_fp16) {
   namespace fs = std::filesystem;
-  if (!fs::is_directory(folder)) throw Error(fmt::format("{}: not a folder (looking for model weights)", folder.string()));
+  if (!fs::is_directory(folder))
+    throw Error(fmt::format("{}: not a folder (looking for model weights)", folder.string()));
   if (stems.empty()) throw Error(fmt::format("{}: no weight file names to look for", folder.string()));
   std::vector<std::string> tried;
   for (const auto& stem : stems) {
@@ -189,8 +189,8 @@ std::filesystem::path find_weights(const std::filesystem::path& folder, const st
   for (const auto& stem : stems) {
     for (const char* legacy : {".bin", ".ckpt", ".pt"}) {
       if (fs::exists(folder / (stem + legacy))) {
-        message += fmt::format("; found {}{}, but only safetensors checkpoints are supported (convert it first)",
-                               stem, legacy);
+        message += fmt::format("; found {}{}, but only safetensors checkpoints are supported (convert it first)", stem,
+                               legacy);
       }
     }
   }

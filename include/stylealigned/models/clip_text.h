@@ -83,6 +83,9 @@ class CLIPTextModelImpl : public torch::nn::Module {
   /// input_ids: [B, T] integer ids, T <= max_position_embeddings. Runs on the module's device and dtype.
   CLIPTextOutput forward(const at::Tensor& input_ids, const CLIPTextForwardOptions& options = {});
 
+  /// The final LayerNorm alone: SD1.x's clip_skip applies it to an earlier hidden state, as diffusers does.
+  at::Tensor final_layer_norm(const at::Tensor& hidden_state);
+
   /// Builds the model from `<folder>/config.json` and loads `<folder>/model.safetensors` (or its fp16 / sharded
   /// variants, see find_weights). The `text_model.embeddings.position_ids` buffer of older checkpoints is ignored.
   static std::shared_ptr<CLIPTextModelImpl> from_pretrained(const std::filesystem::path& folder,
