@@ -246,6 +246,50 @@ TEST(unet_config, golden_configs_parse_with_diffusers_semantics) {
   EXPECT_EQ(sdxl.time_embed_dim(), 64);
 }
 
+TEST(unet_config, hub_configs_of_sd15_and_sdxl_parse_to_the_real_architectures) {
+  // The published unet/config.json files (abridged to the keys they set): SD1.5's predates most keys, SDXL's sets
+  // upcast_attention to null.
+  const auto sd15 = UNetConfig::from_json(R"({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0",
+      "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+      "center_input_sample": false, "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D",
+      "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"], "downsample_padding": 1,
+      "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+      "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64, "up_block_types": ["UpBlock2D",
+      "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]})");
+  const auto sdxl = UNetConfig::from_json(R"({"_class_name": "UNet2DConditionModel", "act_fn": "silu",
+      "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+      "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+      "class_embed_type": null, "class_embeddings_concat": false, "conv_in_kernel": 3, "conv_out_kernel": 3,
+      "cross_attention_dim": 2048, "cross_attention_norm": null, "down_block_types": ["DownBlock2D",
+      "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1, "dual_cross_attention": false,
+      "encoder_hid_dim": null, "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0,
+      "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+      "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+      "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
+      "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": false,
+      "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": null,
+      "time_embedding_act_fn": null, "time_embedding_dim": null, "time_embedding_type": "positional",
+      "timestep_post_act": null, "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D",
+      "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": null, "use_linear_projection": true})");
+  for (const auto& [parsed, expected] : {std::make_pair(sd15, UNetConfig::stable_diffusion_v1_5()),
+                                         std::make_pair(sdxl, UNetConfig::stable_diffusion_xl_base())}) {
+    EXPECT_EQ(parsed.block_out_channels, expected.block_out_channels);
+    EXPECT_EQ(parsed.down_block_types, expected.down_block_types);
+    EXPECT_EQ(parsed.up_block_types, expected.up_block_types);
+    EXPECT_EQ(parsed.layers_per_block, expected.layers_per_block);
+    EXPECT_EQ(parsed.num_attention_heads, expected.num_attention_heads);
+    EXPECT_EQ(parsed.cross_attention_dim, expected.cross_attention_dim);
+    EXPECT_EQ(parsed.transformer_layers_per_block, expected.transformer_layers_per_block);
+    EXPECT_EQ(parsed.use_linear_projection, expected.use_linear_projection);
+    EXPECT_EQ(parsed.upcast_attention, expected.upcast_attention);
+    EXPECT_EQ(parsed.addition_embed_type, expected.addition_embed_type);
+    EXPECT_EQ(parsed.addition_time_embed_dim, expected.addition_time_embed_dim);
+    EXPECT_EQ(parsed.projection_class_embeddings_input_dim, expected.projection_class_embeddings_input_dim);
+    EXPECT_EQ(parsed.sample_size, expected.sample_size);
+    EXPECT_EQ(parsed.time_embed_dim(), expected.time_embed_dim());
+  }
+}
+
 TEST(unet_config, num_attention_heads_wins_over_attention_head_dim) {
   auto c = UNetConfig::from_json(R"({"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D",
       "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,

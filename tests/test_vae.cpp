@@ -118,6 +118,35 @@ TEST(vae, from_pretrained_loads_every_checkpoint_tensor) {
   expect_error([&] { AutoencoderKL::from_pretrained(sa_test::scratch_dir("vae_empty")); }, {"config.json"});
 }
 
+TEST(vae, from_pretrained_reads_deprecated_attention_names) {
+  // Checkpoints from before diffusers' attention refactor (SD1.x's VAE) name the mid-block attention projections
+  // query/key/value/proj_attn; diffusers renames them on load, and so must we.
+  const fs::path legacy = sa_test::scratch_dir("vae_legacy");
+  fs::copy_file(vae_folder("sdxl_tiny") / "config.json", legacy / "config.json", fs::copy_options::overwrite_existing);
+  std::vector<std::pair<std::string, at::Tensor>> renamed;
+  const std::vector<std::pair<std::string, std::string>> renames = {
+      {".to_q.", ".query."}, {".to_k.", ".key."}, {".to_v.", ".value."}, {".to_out.0.", ".proj_attn."}};
+  for (const auto& [name, tensor] :
+       stylealigned::io::load_safetensors(vae_folder("sdxl_tiny") / "diffusion_pytorch_model.safetensors")) {
+    std::string new_name = name;
+    for (const auto& [from, to] : renames) {
+      const auto pos = new_name.find(from);
+      if (pos != std::string::npos) new_name.replace(pos, from.size(), to);
+    }
+    renamed.emplace_back(new_name, tensor);
+  }
+  stylealigned::io::save_safetensors(legacy / "diffusion_pytorch_model.safetensors", renamed);
+
+  auto vae = AutoencoderKL::from_pretrained(legacy);
+  EXPECT_TRUE(vae->config().legacy_attention_names);
+  EXPECT_FALSE(golden_vae("sdxl_tiny")->config().legacy_attention_names);
+  at::NoGradGuard no_grad;
+  const at::Tensor latents = at::randn({1, 4, 2, 2}, at::detail::createCPUGenerator(5));
+  EXPECT_TRUE(vae->decode(latents).equal(golden_vae("sdxl_tiny")->decode(latents)));
+  const at::Tensor image = at::rand({1, 3, 16, 16}, at::detail::createCPUGenerator(6));
+  EXPECT_TRUE(vae->encode(image).mean.equal(golden_vae("sdxl_tiny")->encode(image).mean));
+}
+
 TEST(vae_config, golden_configs_parse) {
   auto sd15 = VAEConfig::from_file(vae_folder("sd15_tiny") / "config.json");
   EXPECT_EQ(sd15.block_out_channels, (std::vector<int64_t>{16, 32, 32, 32}));

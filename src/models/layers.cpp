@@ -101,11 +101,16 @@ AttentionImpl::AttentionImpl(std::string layer_name, const AttentionSpec& spec)
   if (spec.norm_num_groups > 0) {
     group_norm = register_module("group_norm", GroupNorm(spec.norm_num_groups, spec.query_dim, spec.eps));
   }
-  to_q = register_module("to_q", make_linear(spec.query_dim, inner, spec.bias));
-  to_k = register_module("to_k", make_linear(kv_dim, inner, spec.bias));
-  to_v = register_module("to_v", make_linear(kv_dim, inner, spec.bias));
+  const bool legacy = spec.legacy_names;
+  to_q = register_module(legacy ? "query" : "to_q", make_linear(spec.query_dim, inner, spec.bias));
+  to_k = register_module(legacy ? "key" : "to_k", make_linear(kv_dim, inner, spec.bias));
+  to_v = register_module(legacy ? "value" : "to_v", make_linear(kv_dim, inner, spec.bias));
   out_proj = make_linear(inner, spec.query_dim, spec.out_bias);
-  to_out = register_module("to_out", torch::nn::ModuleList(out_proj, Placeholder()));
+  if (legacy) {
+    register_module("proj_attn", out_proj);
+  } else {
+    to_out = register_module("to_out", torch::nn::ModuleList(out_proj, Placeholder()));
+  }
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context, const ForwardContext& ctx) {

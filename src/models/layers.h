@@ -108,6 +108,9 @@ struct AttentionSpec {
   double eps = 1e-5;            ///< of group_norm
   bool residual_connection = false;
   double rescale_output_factor = 1.0;
+  /// Register the projections as query/key/value/proj_attn: the names of diffusers' deprecated AttentionBlock,
+  /// which VAE checkpoints written before 2023 (SD1.x's among them) still use.
+  bool legacy_names = false;
 };
 
 /// diffusers' `Attention`: holds to_q, to_k, to_v, to_out.0 (and group_norm) and delegates the attention itself to
@@ -124,8 +127,8 @@ class AttentionImpl : public torch::nn::Module {
   AttentionKind kind() const { return kind_; }
 
   Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
-  torch::nn::ModuleList to_out{nullptr};
-  Linear out_proj{nullptr};  ///< to_out.0
+  torch::nn::ModuleList to_out{nullptr};  ///< [out_proj, Dropout]; unset with legacy names
+  Linear out_proj{nullptr};               ///< to_out.0 (proj_attn with legacy names)
   GroupNorm group_norm{nullptr};
 
  private:

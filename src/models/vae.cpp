@@ -105,7 +105,7 @@ constexpr double kVaeEps = 1e-6;  // every VAE norm (diffusers hard-codes it in 
 /// UNetMidBlock2D as the VAE uses it: resnet, single-head self-attention with group norm and residual, resnet.
 class VAEMidBlockImpl : public torch::nn::Module {
  public:
-  VAEMidBlockImpl(const std::string& prefix, int64_t channels, int64_t groups, bool add_attention)
+  VAEMidBlockImpl(const std::string& prefix, int64_t channels, int64_t groups, bool add_attention, bool legacy_names)
       : torch::nn::Module("UNetMidBlock2D") {
     auto attention_list = register_module("attentions", torch::nn::ModuleList());
     auto resnet_list = register_module("resnets", torch::nn::ModuleList());
@@ -121,6 +121,7 @@ class VAEMidBlockImpl : public torch::nn::Module {
       spec.norm_num_groups = groups;
       spec.eps = kVaeEps;
       spec.residual_connection = true;
+      spec.legacy_names = legacy_names;
       attention = Attention(prefix + ".attentions.0", spec);
       attention_list->push_back(attention);
     }
@@ -184,8 +185,8 @@ class EncoderImpl : public torch::nn::Module {
       blocks.push_back(VAEBlock(true, input, output, c.layers_per_block, c.norm_num_groups, i + 1 < ch.size()));
       list->push_back(blocks.back());
     }
-    mid_block = register_module(
-        "mid_block", VAEMidBlock("encoder.mid_block", ch.back(), c.norm_num_groups, c.mid_block_add_attention));
+    mid_block = register_module("mid_block", VAEMidBlock("encoder.mid_block", ch.back(), c.norm_num_groups,
+                                                         c.mid_block_add_attention, c.legacy_attention_names));
     conv_norm_out = register_module("conv_norm_out", GroupNorm(c.norm_num_groups, ch.back(), kVaeEps));
     conv_out = register_module("conv_out", make_conv(ch.back(), 2 * c.latent_channels, 3));
   }
@@ -210,8 +211,8 @@ class DecoderImpl : public torch::nn::Module {
     const std::vector<int64_t> ch(c.block_out_channels.rbegin(), c.block_out_channels.rend());
     conv_in = register_module("conv_in", make_conv(c.latent_channels, ch[0], 3));
     auto list = register_module("up_blocks", torch::nn::ModuleList());
-    mid_block = register_module("mid_block",
-                                VAEMidBlock("decoder.mid_block", ch[0], c.norm_num_groups, c.mid_block_add_attention));
+    mid_block = register_module("mid_block", VAEMidBlock("decoder.mid_block", ch[0], c.norm_num_groups,
+                                                         c.mid_block_add_attention, c.legacy_attention_names));
     int64_t output = ch[0];
     for (size_t i = 0; i < ch.size(); ++i) {
       const int64_t prev = output;
@@ -301,14 +302,17 @@ AutoencoderKL AutoencoderKL::from_config(const VAEConfig& config) {
 }
 
 AutoencoderKL AutoencoderKL::from_pretrained(const std::filesystem::path& folder, const LoadOptions& options) {
-  const VAEConfig config = VAEConfig::from_file(folder / "config.json");
+  VAEConfig config = VAEConfig::from_file(folder / "config.json");
+  const auto weights = find_weights(folder, {"diffusion_pytorch_model"}, options.dtype == at::kHalf);
+  const auto checkpoint = io::Checkpoint::open(weights);
+  config.legacy_attention_names = checkpoint.contains("encoder.mid_block.attentions.0.query.weight") ||
+                                  checkpoint.contains("decoder.mid_block.attentions.0.query.weight");
   std::shared_ptr<AutoencoderKLImpl> impl;
   {
     layers::PlaceholderParametersGuard placeholders;  // the checkpoint overwrites every parameter
     impl = std::make_shared<AutoencoderKLImpl>(config);
   }
-  const auto weights = find_weights(folder, {"diffusion_pytorch_model"}, options.dtype == at::kHalf);
-  load_weights(*impl, io::Checkpoint::open(weights), options);
+  load_weights(*impl, checkpoint, options);
   return AutoencoderKL(std::move(impl));
 }
 

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <fstream>
+#include <set>
 #include <stdexcept>
 
 namespace sa_test {
@@ -43,6 +44,30 @@ std::filesystem::path tokenizer_folder(const std::string& relative) {
   for (const char* name : {"vocab.json", "merges.txt"}) copy(data_dir() / "clip" / name, name);
   for (const char* name : {"special_tokens_map.json", "tokenizer_config.json"}) {
     copy(fixture(relative + "/" + name), name);
+  }
+  return folder;
+}
+
+std::filesystem::path model_folder(const std::string& model) {
+  namespace fs = std::filesystem;
+  const std::string rel = "models/" + model;
+  fs::path folder = scratch_dir("folders") / rel;
+  // Every file of the model, from the committed copies first, then the shared golden folder; linked, not copied.
+  std::set<fs::path> files;
+  for (const auto& root : {data_dir() / "golden" / rel, golden_dir() / rel}) {
+    if (!fs::is_directory(root)) continue;
+    for (const auto& e : fs::recursive_directory_iterator(root)) {
+      if (e.is_regular_file()) files.insert(fs::relative(e.path(), root));
+    }
+  }
+  if (files.empty()) throw std::runtime_error("no model fixture " + rel);
+  for (const auto& f : files) {
+    const auto name = f.filename().string();
+    const bool vocab = name == "vocab.json" || name == "merges.txt";
+    const fs::path source = vocab ? data_dir() / "clip" / name : fixture(rel + "/" + f.string());
+    fs::create_directories((folder / f).parent_path());
+    fs::remove(folder / f);
+    fs::create_symlink(fs::absolute(source), folder / f);
   }
   return folder;
 }

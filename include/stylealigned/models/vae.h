@@ -42,6 +42,10 @@ struct VAEConfig {
   bool use_quant_conv = true;
   bool use_post_quant_conv = true;
   bool mid_block_add_attention = true;
+  /// Not a config.json key: register the mid-block attention projections under the deprecated names
+  /// query/key/value/proj_attn, as in VAE checkpoints written before diffusers' 2023 attention refactor (SD1.x's
+  /// VAE among them; diffusers renames them on load). from_pretrained sets it from the checkpoint's tensor names.
+  bool legacy_attention_names = false;
 
   /// Parses a diffusers vae/config.json. Missing keys take diffusers' defaults; unknown keys are ignored. Block
   /// types must be DownEncoderBlock2D / UpDecoderBlock2D and act_fn silu; latents_mean / latents_std (not
