@@ -5,6 +5,11 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "stylealigned/style_aligned.h"
 
 namespace sa_tool {
 
@@ -17,5 +22,44 @@ struct DemoOptions {
 };
 void add_demo_options(CLI::App& cmd, DemoOptions& options);
 int run_demo(const DemoOptions& options);
+
+// Options shared by `generate` and `transfer`.
+struct GenerateOptions {
+  std::string model;
+  std::vector<std::string> prompts;
+  std::string prompts_file;
+  std::string style;
+  std::optional<std::string> negative_prompt;
+  int64_t steps = 50;
+  std::optional<double> guidance;
+  double guidance_rescale = 0.0;
+  std::optional<int64_t> width, height;
+  uint64_t seed = 0;
+  std::string latents_file;
+  std::string save_latents;
+  std::string scheduler_config;
+  double eta = 0.0;
+  std::string out = "out";
+  std::string device = "cpu";
+  std::string dtype = "fp32";
+  bool force = false;
+  bool quiet = false;
+  // StyleAligned (defaults: the official SDXL demo; `transfer` switches to the transfer notebook's)
+  bool no_style_align = false;
+  stylealigned::StyleAlignedOptions sa = stylealigned::StyleAlignedOptions::sdxl_demo();
+  // transfer only
+  std::string reference;
+  std::string reference_caption;
+  double inversion_guidance = 2.0;
+  int64_t inversion_offset = 5;
+};
+void add_generate_options(CLI::App& cmd, GenerateOptions& options, bool transfer);
+int run_generate(GenerateOptions options, bool transfer);
+
+struct InfoOptions {
+  std::string model;
+};
+void add_info_options(CLI::App& cmd, InfoOptions& options);
+int run_info(const InfoOptions& options);
 
 }  // namespace sa_tool

@@ -7,11 +7,14 @@
 #include "stylealigned/error.h"
 #include "stylealigned/runtime.h"
 #include "tool/commands.h"
+#include "tool/output.h"
 
 int main(int argc, char** argv) {
   CLI::App app{
       "stylealigned: style-aligned image sets with shared attention (StyleAligned, Hertz et al., CVPR 2024)"};
   app.require_subcommand(1);
+  // Global options (--threads) may also follow the subcommand: `stylealigned generate ... --threads 2`.
+  app.fallthrough();
   int threads = 0;
   app.add_option("--threads", threads, "CPU threads for libtorch (default: all cores)");
 
@@ -21,6 +24,22 @@ int main(int argc, char** argv) {
               "unchanged, targets pulled to the reference's statistics and attending to its tokens, memory linear");
   sa_tool::add_demo_options(*demo_cmd, demo);
 
+  sa_tool::GenerateOptions gen;
+  auto* gen_cmd = app.add_subcommand(
+      "generate", "Generate a style-aligned set: the first prompt is the style reference, every other image shares "
+                  "its style. Writes 00-reference.png, 01.png, ..., grid.png and settings.json");
+  sa_tool::add_generate_options(*gen_cmd, gen, /*transfer=*/false);
+
+  sa_tool::GenerateOptions transfer;
+  auto* transfer_cmd = app.add_subcommand(
+      "transfer", "Use a real image as the style reference: DDIM-invert it with its caption, then generate the "
+                  "target prompts in its style");
+  sa_tool::add_generate_options(*transfer_cmd, transfer, /*transfer=*/true);
+
+  sa_tool::InfoOptions info;
+  auto* info_cmd = app.add_subcommand("info", "Describe a model folder: family, sizes, attention layers");
+  sa_tool::add_info_options(*info_cmd, info);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -29,6 +48,12 @@ int main(int argc, char** argv) {
   try {
     stylealigned::configure_threads(threads);
     if (demo_cmd->parsed()) return sa_tool::run_demo(demo);
+    if (gen_cmd->parsed()) return sa_tool::run_generate(gen, false);
+    if (transfer_cmd->parsed()) return sa_tool::run_generate(transfer, true);
+    if (info_cmd->parsed()) return sa_tool::run_info(info);
+  } catch (const sa_tool::UsageError& e) {
+    fmt::print(stderr, "stylealigned: usage error: {}\n", e.what());
+    return 2;
   } catch (const stylealigned::Error& e) {
     fmt::print(stderr, "stylealigned: error: {}\n", e.what());
     return 1;

@@ -27,6 +27,10 @@ nlohmann::json read_json(const std::filesystem::path& path);
 /// merges.txt (tests/data/clip/) and the folder's own small JSON files (`fixture(relative + "/...json")`), so tests
 /// load it through from_folder as a real model folder. `relative` is e.g. "models/sdxl_tiny/tokenizer_2".
 std::filesystem::path tokenizer_folder(const std::string& relative);
+/// A complete diffusers folder of golden model `model` (e.g. "sd15_tiny") assembled in the build tree from symlinks:
+/// committed copies under tests/data/golden first, else the shared golden folder; vocab.json and merges.txt always
+/// from the one copy in tests/data/clip.
+std::filesystem::path model_folder(const std::string& model);
 
 /// Element-wise |actual - expected| <= atol + rtol * |expected| (NaN never passes; shapes must match).
 ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected, double atol,

@@ -1,0 +1,395 @@
+// The SD1.x / SDXL pipelines (diffusers 0.25 semantics) with StyleAligned and reference-image transfer.
+#include "stylealigned/pipeline.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "stylealigned/log.h"
+#include "stylealigned/models/clip_text.h"
+#include "stylealigned/models/prompt_encoding.h"
+#include "stylealigned/models/tokenizer.h"
+#include "stylealigned/models/unet.h"
+#include "stylealigned/models/vae.h"
+#include "stylealigned/runtime.h"
+
+namespace stylealigned {
+
+namespace fs = std::filesystem;
+using models::AutoencoderKL;
+using models::CLIPTextModel;
+using models::ClipTokenizer;
+using models::UNet2DConditionModel;
+
+std::string_view to_string(ModelFamily family) { return family == ModelFamily::sdxl ? "sdxl" : "sd1"; }
+
+at::Tensor initial_latents(uint64_t seed, int64_t n, int64_t channels, int64_t height, int64_t width) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return at::randn({n, channels, height, width}, gen, at::TensorOptions().dtype(at::kFloat));
+}
+
+// Conditioning of one CFG branch for a batch of rows.
+struct TextConditioning {
+  at::Tensor embeds;  // [n, 77, cross_dim]
+  at::Tensor pooled;  // SDXL: [n, proj]; undefined for SD1.x
+};
+
+struct Pipeline::Impl {
+  fs::path folder;
+  ModelFamily family = ModelFamily::sd1;
+  PipelineLoadOptions options;
+  bool force_zeros_for_empty_prompt = false;
+  SchedulerConfig scheduler_config;
+  std::vector<ClipTokenizer> tokenizers;
+  std::vector<CLIPTextModel> text_encoders;
+  UNet2DConditionModel unet{nullptr};
+  AutoencoderKL vae{nullptr};
+
+  int64_t vae_factor() const { return int64_t{1} << (vae->config().block_out_channels.size() - 1); }
+
+  // diffusers' encode_prompt; with CFG the result is [negative n ; positive n].
+  TextConditioning encode(const std::vector<std::string>& prompts, const std::optional<std::string>& negative,
+                          bool cfg, bool zero_negative = false) {
+    models::PromptEncodeOptions po;
+    po.do_classifier_free_guidance = cfg;
+    if (negative) po.negative_prompts = std::vector<std::string>{*negative};
+    po.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt || zero_negative;
+    auto e = family == ModelFamily::sd1
+                 ? models::encode_prompt_sd(tokenizers[0], text_encoders[0], prompts, po)
+                 : models::encode_prompt_sdxl(tokenizers[0], text_encoders[0], tokenizers[1], text_encoders[1],
+                                              prompts, po);
+    if (!cfg) return {e.prompt_embeds, e.pooled_prompt_embeds};
+    TextConditioning out{at::cat({e.negative_prompt_embeds, e.prompt_embeds}), at::Tensor()};
+    if (e.pooled_prompt_embeds.defined()) {
+      out.pooled = at::cat({e.negative_pooled_prompt_embeds, e.pooled_prompt_embeds});
+    }
+    return out;
+  }
+
+  at::Tensor time_ids(int64_t rows, int64_t height, int64_t width) const {
+    auto one = at::tensor({double(height), double(width), 0.0, 0.0, double(height), double(width)},
+                          at::TensorOptions().dtype(options.dtype).device(options.device));
+    return one.unsqueeze(0).repeat({rows, 1});
+  }
+
+  at::Tensor unet_forward(const at::Tensor& sample, int64_t t, const TextConditioning& cond, const at::Tensor& tids,
+                          const BatchLayout& layout) {
+    models::UNetForwardOptions fo;
+    fo.layout = &layout;
+    if (family == ModelFamily::sdxl) {
+      fo.text_embeds = cond.pooled;
+      fo.time_ids = tids;
+    }
+    auto timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kLong).device(options.device));
+    return unet->forward(sample.to(options.dtype), timestep, cond.embeds, fo).to(at::kFloat);
+  }
+
+  at::Tensor vae_encode(const at::Tensor& rgb) {
+    if (!rgb.defined() || rgb.dim() != 3 || rgb.size(2) != 3 || rgb.scalar_type() != at::kByte) {
+      throw Error("reference image: expected uint8 [height, width, 3]");
+    }
+    auto x = rgb.permute({2, 0, 1}).unsqueeze(0).to(at::kFloat).div(255.0).mul(2.0).sub(1.0).to(options.device);
+    return vae->encode(x).mean * vae->config().scaling_factor;
+  }
+
+  at::Tensor vae_decode(const at::Tensor& latents) { return vae->decode(latents / vae->config().scaling_factor); }
+};
+
+namespace {
+
+nlohmann::json read_json_file(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(fmt::format("{}: cannot open (is this a diffusers model folder?)", path.string()));
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(fmt::format("{}: invalid JSON ({})", path.string(), e.what()));
+  }
+}
+
+void require_folder(const fs::path& dir, const fs::path& model) {
+  if (!fs::is_directory(dir)) {
+    throw Error(fmt::format("{}: missing component folder '{}'", model.string(), dir.filename().string()));
+  }
+}
+
+}  // namespace
+
+Pipeline::Pipeline(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Pipeline::~Pipeline() = default;
+Pipeline::Pipeline(Pipeline&&) noexcept = default;
+Pipeline& Pipeline::operator=(Pipeline&&) noexcept = default;
+
+Pipeline Pipeline::load(const fs::path& folder, const PipelineLoadOptions& options) {
+  if (!fs::is_directory(folder)) throw Error(fmt::format("{}: model folder not found", folder.string()));
+  auto impl = std::make_unique<Impl>();
+  impl->folder = folder;
+  impl->options = options;
+  auto index = read_json_file(folder / "model_index.json");
+  const std::string cls = index.value("_class_name", "");
+  if (cls.find("XL") != std::string::npos || index.contains("text_encoder_2")) {
+    impl->family = ModelFamily::sdxl;
+  } else if (cls.rfind("StableDiffusion", 0) == 0 || index.contains("text_encoder")) {
+    impl->family = ModelFamily::sd1;
+  } else {
+    throw Error(fmt::format("{}: _class_name '{}' is not a Stable Diffusion (1.x or XL) pipeline",
+                            (folder / "model_index.json").string(), cls));
+  }
+  if (index.contains("force_zeros_for_empty_prompt") && index["force_zeros_for_empty_prompt"].is_boolean()) {
+    impl->force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"].get<bool>();
+  } else {
+    impl->force_zeros_for_empty_prompt = impl->family == ModelFamily::sdxl;  // the SDXL pipeline's default
+  }
+  if (options.dtype != at::kFloat && options.device.is_cpu() && !cpu_has_native_bf16()) {
+    warn(fmt::format("{} requested on a CPU without native bf16/fp16 matrix units: expect it to be far slower "
+                     "than fp32",
+                     c10::toString(options.dtype)));
+  }
+
+  require_folder(folder / "scheduler", folder);
+  impl->scheduler_config = SchedulerConfig::from_file(folder / "scheduler" / "scheduler_config.json");
+  // The SD1 pipeline's constructor forces steps_offset 1 (a diffusers deprecation shim); SDXL keeps the file's.
+  if (impl->family == ModelFamily::sd1 && impl->scheduler_config.steps_offset != 1) {
+    impl->scheduler_config.steps_offset = 1;
+  }
+
+  models::LoadOptions lo;
+  lo.dtype = options.dtype;
+  lo.device = options.device;
+  std::vector<std::pair<std::string, std::string>> te = {{"tokenizer", "text_encoder"}};
+  if (impl->family == ModelFamily::sdxl) te.emplace_back("tokenizer_2", "text_encoder_2");
+  for (const auto& [tok, enc] : te) {
+    require_folder(folder / tok, folder);
+    require_folder(folder / enc, folder);
+    impl->tokenizers.push_back(ClipTokenizer::from_folder(folder / tok));
+    impl->text_encoders.push_back(CLIPTextModel::from_pretrained(folder / enc, lo));
+    impl->text_encoders.back()->eval();
+  }
+  require_folder(folder / "unet", folder);
+  impl->unet = UNet2DConditionModel::from_pretrained(folder / "unet", lo);
+  impl->unet->eval();
+  require_folder(folder / "vae", folder);
+  // The VAE always runs in fp32: the official code encodes in fp32, SDXL's VAE overflows in fp16 (force_upcast),
+  // and it is small next to the UNet.
+  models::LoadOptions vae_lo = lo;
+  vae_lo.dtype = at::kFloat;
+  impl->vae = AutoencoderKL::from_pretrained(folder / "vae", vae_lo);
+  impl->vae->eval();
+  return Pipeline(std::move(impl));
+}
+
+ModelFamily Pipeline::family() const { return impl_->family; }
+const fs::path& Pipeline::folder() const { return impl_->folder; }
+int64_t Pipeline::vae_scale_factor() const { return impl_->vae_factor(); }
+int64_t Pipeline::latent_channels() const { return impl_->unet->config().in_channels; }
+int64_t Pipeline::default_width() const {
+  auto s = impl_->unet->config().sample_size;
+  return (s > 0 ? s : 64) * vae_scale_factor();
+}
+int64_t Pipeline::default_height() const { return default_width(); }
+double Pipeline::default_guidance() const { return impl_->family == ModelFamily::sdxl ? 5.0 : 7.5; }
+const SchedulerConfig& Pipeline::scheduler_config() const { return impl_->scheduler_config; }
+
+std::vector<std::string> Pipeline::attention_layers() const { return impl_->unet->attention_layer_names(); }
+
+std::string Pipeline::describe() const {
+  const auto& u = impl_->unet->config();
+  auto layers = attention_layers();
+  return fmt::format(
+      "{} ({}): UNet {} levels, channels {}, {} attention layers ({} self); VAE factor {}, {} latent channels; "
+      "default {}x{}, guidance {}",
+      impl_->folder.string(), to_string(impl_->family), u.levels(), fmt::join(u.block_out_channels, "/"),
+      layers.size(), select_self_attention(layers).size(), vae_scale_factor(), latent_channels(), default_width(),
+      default_height(), default_guidance());
+}
+
+at::Tensor Pipeline::encode_image(const at::Tensor& rgb) {
+  torch::NoGradGuard no_grad;
+  return impl_->vae_encode(rgb);
+}
+
+at::Tensor Pipeline::invert(const at::Tensor& rgb, const std::string& caption, int64_t steps, double guidance,
+                            const std::optional<SchedulerConfig>& scheduler) {
+  torch::NoGradGuard no_grad;
+  auto& d = *impl_;
+  if (steps < 1) throw Error(fmt::format("inversion: steps must be positive (got {})", steps));
+  if (!std::isfinite(guidance) || guidance < 0) {
+    throw Error(fmt::format("inversion: guidance must be a non-negative number (got {})", guidance));
+  }
+  DDIMScheduler sched(scheduler.value_or(d.scheduler_config));
+  sched.set_timesteps(steps);
+  auto z0 = d.vae_encode(rgb);
+  // The official inversion conditions on [zeros ; caption] and, for SDXL, time ids (1024, 1024, 0, 0, 1024, 1024)
+  // whatever the image size (inversion.py); SD1.x has no official inversion, so its unconditional branch is "".
+  auto both = d.encode({caption}, std::nullopt, /*cfg=*/true, /*zero_negative=*/true);
+  auto tids = d.family == ModelFamily::sdxl ? d.time_ids(2, 1024, 1024) : at::Tensor();
+  auto layout = BatchLayout::independent(2);
+  std::vector<at::Tensor> all{z0};
+  auto latent = z0.clone();
+  const auto& ts = sched.timestep_list();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const int64_t t = ts[ts.size() - 1 - i];
+    auto eps = d.unet_forward(at::cat({latent, latent}), t, both, tids, layout);
+    auto chunks = eps.chunk(2);
+    auto guided = chunks[0] + guidance * (chunks[1] - chunks[0]);
+    latent = sched.inversion_step(guided, t, latent);
+    all.push_back(latent);
+  }
+  return at::cat(all).flip(0);
+}
+
+namespace {
+
+// Installs StyleAligned on the UNet for the lifetime of the guard and restores plain processors afterwards.
+class StyleAlignedScope {
+ public:
+  StyleAlignedScope(models::UNet2DConditionModelImpl& unet, const std::optional<StyleAlignedOptions>& options)
+      : unet_(unet) {
+    if (options) unet_.set_norm_hook(install_style_aligned(unet_.processors(), *options));
+  }
+  ~StyleAlignedScope() {
+    unet_.processors().reset();
+    unet_.set_norm_hook(nullptr);
+  }
+
+ private:
+  models::UNet2DConditionModelImpl& unet_;
+};
+
+at::Tensor rescale_noise_cfg(const at::Tensor& cfg, const at::Tensor& text, double phi) {
+  std::vector<int64_t> dims;
+  for (int64_t i = 1; i < text.dim(); ++i) dims.push_back(i);
+  auto std_text = text.std(dims, /*unbiased=*/true, /*keepdim=*/true);
+  auto std_cfg = cfg.std(dims, /*unbiased=*/true, /*keepdim=*/true);
+  auto rescaled = cfg * (std_text / std_cfg);
+  return phi * rescaled + (1 - phi) * cfg;
+}
+
+}  // namespace
+
+GenerationResult Pipeline::generate(const GenerationRequest& request) {
+  torch::NoGradGuard no_grad;
+  auto& d = *impl_;
+  const auto t_start = std::chrono::steady_clock::now();
+
+  // ---- validate the request
+  std::vector<std::string> prompts = request.prompts;
+  if (request.reference) {
+    if (prompts.empty()) prompts.push_back(request.reference->caption);
+    else prompts.insert(prompts.begin(), request.reference->caption);
+  }
+  if (prompts.empty()) throw Error("request: at least one prompt is needed");
+  const int64_t n = static_cast<int64_t>(prompts.size());
+  if (request.steps < 1) throw Error(fmt::format("request: steps must be positive (got {})", request.steps));
+  const double guidance = request.guidance_scale.value_or(default_guidance());
+  if (!std::isfinite(guidance) || guidance < 0) {
+    throw Error(fmt::format("request: guidance must be a non-negative number (got {})", guidance));
+  }
+  if (!std::isfinite(request.guidance_rescale) || request.guidance_rescale < 0 || request.guidance_rescale > 1) {
+    throw Error(fmt::format("request: guidance rescale must be in [0, 1] (got {})", request.guidance_rescale));
+  }
+  if (!std::isfinite(request.eta) || request.eta < 0) {
+    throw Error(fmt::format("request: eta must be a non-negative number (got {})", request.eta));
+  }
+  if (request.style_aligned) request.style_aligned->validate();
+  const int64_t f = vae_scale_factor();
+  const int64_t width = request.width.value_or(default_width());
+  const int64_t height = request.height.value_or(default_height());
+  if (width < f || height < f || width % f != 0 || height % f != 0) {
+    throw Error(fmt::format("request: width and height must be positive multiples of {} (got {}x{})", f, width,
+                            height));
+  }
+  const int64_t c = latent_channels(), h = height / f, w = width / f;
+
+  // ---- initial latents, from the seed exactly as diffusers draws them, or given
+  auto gen = at::detail::createCPUGenerator(request.seed);
+  at::Tensor latents;
+  if (request.latents.defined()) {
+    const auto& l = request.latents;
+    if (l.dim() != 4 || l.size(0) != n || l.size(1) != c || l.size(2) != h || l.size(3) != w) {
+      throw Error(fmt::format("latents: expected shape [{}, {}, {}, {}] for {} prompts at {}x{}, got [{}]", n, c, h,
+                              w, n, width, height, fmt::join(l.sizes(), ", ")));
+    }
+    if (!at::isFloatingType(l.scalar_type())) {
+      throw Error(fmt::format("latents: expected a floating-point tensor, got {}", c10::toString(l.scalar_type())));
+    }
+    latents = l.to(at::kFloat).to(d.options.device).clone();
+    if (!at::isfinite(latents).all().item<bool>()) throw Error("latents: contain NaN or infinite values");
+  } else {
+    latents = at::randn({n, c, h, w}, gen, at::TensorOptions().dtype(at::kFloat)).to(d.options.device);
+  }
+
+  GenerationResult result;
+  DDIMScheduler sched(request.scheduler.value_or(d.scheduler_config));
+  sched.set_timesteps(request.steps);
+  result.timesteps = sched.timestep_list();
+
+  // ---- reference image: invert it, and start its row from the trajectory
+  at::Tensor trajectory;
+  int64_t offset = 0;
+  if (request.reference) {
+    const auto& ref = *request.reference;
+    if (ref.rgb.size(0) != height || ref.rgb.size(1) != width) {
+      throw Error(fmt::format("reference image: is {}x{} but the generation size is {}x{} (resize it first)",
+                              ref.rgb.size(1), ref.rgb.size(0), width, height));
+    }
+    offset = ref.offset;
+    if (offset < 0 || offset >= request.steps) {
+      throw Error(fmt::format("reference image: inversion offset must be in [0, {}) (got {})", request.steps, offset));
+    }
+    trajectory = invert(ref.rgb, ref.caption, request.steps, ref.inversion_guidance, request.scheduler);
+    latents[0].copy_(trajectory[offset]);
+    result.inversion_trajectory = trajectory;
+  }
+  result.initial_latents = latents.clone();
+
+  // ---- conditioning: [uncond n ; cond n] with CFG, [cond n] without
+  const bool cfg = guidance > 1.0;
+  const TextConditioning cond = d.encode(prompts, request.negative_prompt, cfg);
+  const int64_t rows = cfg ? 2 * n : n;
+  auto tids = d.family == ModelFamily::sdxl ? d.time_ids(rows, height, width) : at::Tensor();
+  const BatchLayout layout = cfg ? BatchLayout::cfg(n) : BatchLayout::single_group(n);
+
+  StyleAlignedScope scope(*d.unet, request.style_aligned);
+  DDIMStepOptions step_options;
+  step_options.eta = request.eta;
+  if (request.eta > 0) step_options.generator = gen;  // diffusers continues the latents' generator
+
+  const auto& ts = sched.timestep_list();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t t = ts[i];
+    auto input = cfg ? at::cat({latents, latents}) : latents;
+    auto eps = d.unet_forward(input, t, cond, tids, layout);
+    if (cfg) {
+      auto parts = eps.chunk(2);
+      eps = parts[0] + guidance * (parts[1] - parts[0]);
+      if (request.guidance_rescale > 0) eps = rescale_noise_cfg(eps, parts[1], request.guidance_rescale);
+    }
+    latents = sched.step(eps, t, latents, step_options).prev_sample;
+    if (trajectory.defined()) {
+      // The official transfer callback: the reference row follows the inverted trajectory.
+      const int64_t idx = std::max<int64_t>(offset + 1, static_cast<int64_t>(i) + 1);
+      latents[0].copy_(trajectory[std::min<int64_t>(idx, trajectory.size(0) - 1)]);
+    }
+    if (request.record_steps) result.step_latents.push_back(latents.clone());
+    if (request.on_step) {
+      StepInfo info{static_cast<int64_t>(i), static_cast<int64_t>(ts.size()), t,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), &latents};
+      if (!request.on_step(info)) throw Cancelled();
+    }
+  }
+  result.latents = latents;
+  result.decoded = d.vae_decode(latents);
+  result.images = (result.decoded / 2 + 0.5).clamp(0, 1);
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  return result;
+}
+
+}  // namespace stylealigned

@@ -1,0 +1,142 @@
+// The `stylealigned` binary, run as a user would: golden latents in, golden latents out; files, metadata, exit codes.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+
+#include "stylealigned/image.h"
+#include "stylealigned/io/safetensors.h"
+#include "support/test_support.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+struct Run {
+  int code;
+  std::string output;  // stdout + stderr
+};
+
+Run run_tool(const std::string& args) {
+  std::string cmd = std::string(STYLEALIGNED_TOOL) + " " + args + " 2>&1";
+  Run r{-1, {}};
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf{};
+  while (size_t n = std::fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
+  int status = ::pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+const json& golden_case(const std::string& id) {
+  static const json m = sa_test::read_json(sa_test::fixture("manifest.json"));
+  for (const auto& c : m["cases"]) {
+    if (c["id"] == id) return c;
+  }
+  throw std::runtime_error("no golden case " + id);
+}
+
+}  // namespace
+
+TEST(tool, generate_reproduces_golden_latents_through_files) {
+  const auto& c = golden_case("pipeline/sd15_sa_default");
+  auto golden = stylealigned::io::SafetensorsFile::open(sa_test::fixture(c["file"].get<std::string>()));
+  auto dir = sa_test::scratch_dir("tool_generate");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  stylealigned::io::save_safetensors(dir / "initial.safetensors",
+                                     {{"latents", golden.tensor(c["inputs"]["latents"]["key"].get<std::string>())}});
+  std::string args = "generate --model " + quote(sa_test::model_folder("sd15_tiny").string());
+  for (const auto& p : c["inputs"]["prompts"]) args += " --prompt " + quote(p.get<std::string>());
+  args += " --steps 5 --guidance 7.5 --width 128 --height 128 --share-group-norm --share-layer-norm";
+  args += " --latents " + quote((dir / "initial.safetensors").string());
+  args += " --save-latents " + quote((dir / "final.safetensors").string());
+  args += " --out " + quote((dir / "set").string()) + " --quiet --threads 2";
+  auto r = run_tool(args);
+  ASSERT_EQ(r.code, 0) << r.output;
+
+  auto final_latents = stylealigned::io::SafetensorsFile::open(dir / "final.safetensors").tensor("latents");
+  auto expected = golden.tensor(c["outputs"]["latents_final"]["key"].get<std::string>());
+  EXPECT_ALLCLOSE(final_latents, expected, 1e-3);
+  std::printf("  tool final latents max err %.3g\n", sa_test::max_abs_diff(final_latents, expected));
+
+  for (const char* name : {"00-reference.png", "01.png", "02.png", "03.png", "grid.png", "settings.json"}) {
+    EXPECT_TRUE(fs::exists(dir / "set" / name)) << name;
+  }
+  auto settings = sa_test::read_json(dir / "set" / "settings.json");
+  EXPECT_EQ(settings["prompts"].size(), 4u);
+  EXPECT_EQ(settings["steps"], 5);
+  EXPECT_EQ(settings["style_aligned_options"]["share_group_norm"], true);
+  auto text = stylealigned::image::read_png_text(dir / "set" / "01.png");
+  bool has_settings = false;
+  for (const auto& [k, v] : text) has_settings |= (k == "settings" && json::parse(v)["steps"] == 5);
+  EXPECT_TRUE(has_settings);
+  auto img = stylealigned::image::read_rgb(dir / "set" / "00-reference.png");
+  EXPECT_EQ(img.sizes(), (std::vector<int64_t>{128, 128, 3}));
+  for (const auto& e : fs::directory_iterator(dir / "set")) {
+    EXPECT_EQ(e.path().filename().string().find("staging"), std::string::npos) << e.path();
+  }
+
+  // A second run must not overwrite the user's files without --force.
+  auto before = fs::last_write_time(dir / "set" / "01.png");
+  r = run_tool(args);
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("--force"), std::string::npos) << r.output;
+  EXPECT_EQ(fs::last_write_time(dir / "set" / "01.png"), before);
+  r = run_tool(args + " --force");
+  EXPECT_EQ(r.code, 0) << r.output;
+}
+
+TEST(tool, bad_input_exit_codes_and_messages) {
+  auto dir = sa_test::scratch_dir("tool_bad");
+  const std::string model = quote(sa_test::model_folder("sd15_tiny").string());
+  const std::string base = "generate --model " + model + " --prompt 'a cat' --prompt 'a dog' --quiet --steps 2";
+  // usage errors: exit 2
+  EXPECT_EQ(run_tool("generate --prompt x").code, 2);
+  EXPECT_EQ(run_tool("frobnicate").code, 2);
+  auto r = run_tool(base + " --steps 0 --out " + quote((dir / "a").string()));
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("--steps"), std::string::npos) << r.output;
+  r = run_tool(base + " --width 100 --out " + quote((dir / "a").string()));
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("--width"), std::string::npos) << r.output;
+  r = run_tool(base + " --guidance nan --out " + quote((dir / "a").string()));
+  EXPECT_EQ(r.code, 2) << r.output;
+  // runtime failures: exit 1 with the culprit named
+  r = run_tool("generate --model " + quote((dir / "no_model").string()) + " --prompt x --quiet --out " +
+               quote((dir / "b").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("no_model"), std::string::npos) << r.output;
+  stylealigned::io::save_safetensors(dir / "wrong.safetensors", {{"latents", at::zeros({2, 4, 8, 8})}});
+  r = run_tool(base + " --latents " + quote((dir / "wrong.safetensors").string()) + " --out " +
+               quote((dir / "c").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("latents"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "c" / "00-reference.png"));
+  r = run_tool(base + " --out /proc/stylealigned-cannot-write");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("/proc/stylealigned-cannot-write"), std::string::npos) << r.output;
+  std::ofstream(dir / "empty.png").close();
+  r = run_tool("transfer --model " + model + " --reference " + quote((dir / "empty.png").string()) +
+               " --reference-caption x --prompt y --quiet --steps 2 --out " + quote((dir / "d").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("empty.png"), std::string::npos) << r.output;
+}
+
+TEST(tool, info_lists_layers) {
+  auto r = run_tool("info --model " + quote(sa_test::model_folder("sdxl_tiny").string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("sdxl"), std::string::npos);
+  EXPECT_NE(r.output.find("mid_block.attentions.0.transformer_blocks.1.attn1"), std::string::npos);
+}
