@@ -51,6 +51,29 @@ detail::KernelResult autograd_attention(const at::Tensor& q, const at::Tensor& k
   return r;
 }
 
+// out[h, i, :] /= row_sum[h * cn + i] and lse[h, i] = row_max + log(row_sum) + shift for one float32 CPU block, in
+// plain loops: a [rows x dv] block is too small for an ATen parallel region, and the region's thread wake-ups cost
+// far more than the work when OpenBLAS's threads share the cores (measured 4x slower at 1024 tokens on 2 cores).
+void finish_block_cpu(const at::Tensor& out, const float* row_max, const float* row_sum, double shift,
+                      at::Tensor* lse) {
+  const int64_t hn = out.size(0), cn = out.size(1), dv = out.size(2);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  float* o = out.data_ptr<float>();
+  float* l = lse != nullptr ? lse->data_ptr<float>() : nullptr;
+  for (int64_t h = 0; h < hn; ++h) {
+    for (int64_t i = 0; i < cn; ++i) {
+      const int64_t r = h * cn + i;
+      const float inv = 1.0f / row_sum[r];
+      float* row = o + h * os0 + i * os1;
+      for (int64_t j = 0; j < dv; ++j) row[j * os2] *= inv;
+      if (l != nullptr) {
+        l[h * lse->stride(0) + i * lse->stride(1)] =
+            static_cast<float>(static_cast<double>(row_max[r]) + std::log(static_cast<double>(row_sum[r])) + shift);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 namespace detail {
@@ -85,9 +108,9 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int64_t max_score_elements) {
-  // Blocks of ~1 MiB of scores keep the exp pass and the second GEMM's reads in L2 (measured best on an EPYC with
-  // 512 KiB-1 MiB L2 per core), while leaving the GEMMs at least a few dozen rows to work on.
-  constexpr int64_t kCacheBlockElements = int64_t{1} << 18;
+  // Blocks of 2^20 scores (4 MiB in float32; 256 query rows x 4096 keys) measured fastest on a 2-core EPYC with
+  // OpenBLAS (2^18 and 2^22 were 10-30% slower): big enough for efficient GEMMs, small enough for the shared L3.
+  constexpr int64_t kCacheBlockElements = int64_t{1} << 20;
   const int64_t budget = std::max<int64_t>(1, std::min(max_score_elements, kCacheBlockElements));
   BlockShape b;
   b.queries = std::clamp<int64_t>(budget / std::max<int64_t>(kv_tokens, 1), 1, q_tokens);
@@ -103,9 +126,7 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
                                double shift, const AttentionOptions& options, bool want_lse, bool upcast) {
   const bool upcast_now = is_reduced_float(q_in.scalar_type()) && (upcast || want_lse || q_in.is_cpu());
   const at::ScalarType compute = upcast_now ? at::kFloat : q_in.scalar_type();
-  // The scale goes into q once (B·H·N·D multiplies) rather than into the GEMM: baddbmm's beta = 0 still reads the
-  // uninitialised block on libtorch's small-matrix path, where 0 · NaN poisons it.
-  const at::Tensor q = q_in.to(compute).mul(scale);
+  const at::Tensor q = q_in.to(compute);
   const at::Tensor k = k_in.to(compute);
   const at::Tensor v = v_in.to(compute);
 
@@ -120,6 +141,8 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
   const BlockShape block = choose_block(heads, nq, nk, options.max_score_elements);
   const bool fused = q.is_cpu() && compute == at::kFloat && detail::fast_exp_rows_available();
   at::Tensor scores_buf = at::empty({block.heads * block.queries * nk}, q.options());
+  at::Tensor q_buf = fused ? at::Tensor() : at::empty({block.heads * block.queries * q.size(3)}, q.options());
+  const at::Tensor scale_t = at::scalar_tensor(scale, q.options());
   at::Tensor max_buf = at::empty({block.heads * block.queries}, q.options());
   at::Tensor sum_buf = at::empty({block.heads * block.queries}, q.options());
 
@@ -134,24 +157,31 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
         const int64_t cn = std::min(block.queries, nq - s);
         const int64_t rows = hn * cn;
         at::Tensor scores = scores_buf.narrow(0, 0, rows * nk).view({hn, cn, nk});
-        at::bmm_out(scores, qh.narrow(1, s, cn), kh);
         at::Tensor row_max = max_buf.narrow(0, 0, rows).view({hn, cn, 1});
         at::Tensor row_sum = sum_buf.narrow(0, 0, rows).view({hn, cn, 1});
+        at::Tensor oc = oh.narrow(1, s, cn);
+        at::Tensor l;
+        if (want_lse) l = lse[b].narrow(0, h0, hn).narrow(1, s, cn);
         if (fused) {
-          detail::exp_rows_inplace(scores.data_ptr<float>(), rows, nk, nk, row_max.data_ptr<float>(),
-                                   row_sum.data_ptr<float>());
+          // Raw q·k, then the scale inside the exp pass; P·V, then 1/sum on the [cn, dv] output instead of the
+          // [cn, nk] probabilities.
+          at::bmm_out(scores, qh.narrow(1, s, cn), kh);
+          detail::exp_rows_inplace(scores.data_ptr<float>(), rows, nk, nk, static_cast<float>(scale),
+                                   row_max.data_ptr<float>(), row_sum.data_ptr<float>());
+          at::bmm_out(oc, scores, vh);
+          finish_block_cpu(oc, row_max.data_ptr<float>(), row_sum.data_ptr<float>(), shift, want_lse ? &l : nullptr);
         } else {
+          // The scale goes into the query block rather than into the GEMM: baddbmm's beta = 0 still reads the
+          // uninitialised score block on libtorch's small-matrix path, where 0 * NaN poisons it.
+          at::Tensor q_scaled = q_buf.narrow(0, 0, rows * q.size(3)).view({hn, cn, q.size(3)});
+          at::mul_out(q_scaled, qh.narrow(1, s, cn), scale_t);
+          at::bmm_out(scores, q_scaled, kh);
           at::amax_out(row_max, scores, {-1}, /*keepdim=*/true);
           scores.sub_(row_max).exp_();
           at::sum_out(row_sum, scores, {-1}, /*keepdim=*/true);
-        }
-        at::Tensor oc = oh.narrow(1, s, cn);
-        at::bmm_out(oc, scores, vh);
-        // Normalising the [cn, dv] output instead of the [cn, nk] probabilities saves a pass over the scores.
-        oc.div_(row_sum);
-        if (want_lse) {
-          at::Tensor l = lse[b].narrow(0, h0, hn).narrow(1, s, cn);
-          l.copy_(row_sum.squeeze(-1).log().add_(row_max.squeeze(-1)).add_(shift));
+          at::bmm_out(oc, scores, vh);
+          oc.div_(row_sum);
+          if (want_lse) l.copy_(row_sum.squeeze(-1).log().add_(row_max.squeeze(-1)).add_(shift));
         }
       }
     }
@@ -165,11 +195,15 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
                                         const AttentionOptions& options, bool upcast) {
   detail::check_attention_inputs(q, k, v, "scaled_dot_product_attention", /*allow_kv_broadcast=*/false);
   const bool to_float = upcast && is_reduced_float(q.scalar_type());
+  const bool grad = needs_grad(q, k, v);
+  const at::Tensor qc = to_float ? q.to(at::kFloat) : q;
+  const at::Tensor kc = to_float ? k.to(at::kFloat) : k;
+  const at::Tensor vc = to_float ? v.to(at::kFloat) : v;
 #if STYLEALIGNED_HAS_SDPA
-  {
-    const at::Tensor qc = to_float ? q.to(at::kFloat) : q;
-    const at::Tensor kc = to_float ? k.to(at::kFloat) : k;
-    const at::Tensor vc = to_float ? v.to(at::kFloat) : v;
+  // libtorch's fused kernel where it is the better choice: on accelerators (flash / memory-efficient kernels) and
+  // under autograd. CPU inference stays on our chunked kernel: an exact memory bound and the fused exp pass, where
+  // the CPU math fallback of 2.0/2.1 would build every score.
+  if (!q.is_cpu() || grad) {
     const int64_t nq = q.size(2);
     const int64_t chunk = compat::sdpa_may_materialise_scores(q)
                               ? query_chunk(nq, k.size(2), q.size(0) * q.size(1), options.max_score_elements)
@@ -181,15 +215,9 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
     at::Tensor out = outs.size() == 1 ? outs[0] : at::cat(outs, 2);
     return out.to(q.scalar_type());
   }
-#else
-  if (needs_grad(q, k, v)) {
-    const at::Tensor qc = to_float ? q.to(at::kFloat) : q;
-    const at::Tensor kc = to_float ? k.to(at::kFloat) : k;
-    const at::Tensor vc = to_float ? v.to(at::kFloat) : v;
-    return autograd_attention(qc, kc, vc, scale, 0.0, options, /*want_lse=*/false).out.to(q.scalar_type());
-  }
-  return detail::chunked_attention(q, k, v, scale, 0.0, options, /*want_lse=*/false, upcast).out.to(q.scalar_type());
 #endif
+  if (grad) return autograd_attention(qc, kc, vc, scale, 0.0, options, /*want_lse=*/false).out.to(q.scalar_type());
+  return detail::chunked_attention(qc, kc, vc, scale, 0.0, options, /*want_lse=*/false, upcast).out.to(q.scalar_type());
 }
 
 AttentionWithLse attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,

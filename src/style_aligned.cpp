@@ -19,14 +19,6 @@ at::Tensor reference_index(const BatchLayout& layout, const at::Device& device) 
   return at::tensor(at::ArrayRef<int64_t>(refs.data(), refs.size()), at::dtype(at::kLong)).to(device);
 }
 
-// Consecutive target rows of a group (at most two spans: before and after the reference row).
-std::vector<std::pair<int64_t, int64_t>> target_spans(const CfgGroup& g) {
-  std::vector<std::pair<int64_t, int64_t>> spans;
-  if (g.reference > g.begin) spans.emplace_back(g.begin, g.reference);
-  if (g.reference + 1 < g.end) spans.emplace_back(g.reference + 1, g.end);
-  return spans;
-}
-
 // AdaIN of `x` (rows of one group) to the given reference statistics, in the official operation order.
 at::Tensor adain_to(const at::Tensor& x, const at::Tensor& ref_mean, const at::Tensor& ref_std) {
   auto [mean, std] = calc_mean_std(x);
@@ -200,15 +192,17 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
     if (o.adain_keys) std::tie(k_mean, k_std) = calc_mean_std(kr);
     if (o.adain_values) std::tie(v_mean, v_std) = calc_mean_std(vr);
 
-    for (const auto& [t0, t1] : target_spans(g)) {
-      const int64_t n = t1 - t0;
-      const at::Tensor qt = o.adain_queries ? adain_to(q.narrow(0, t0, n), q_mean, q_std) : q.narrow(0, t0, n);
-      const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t0, n), k_mean, k_std) : k.narrow(0, t0, n);
-      const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t0, n), v_mean, v_std) : v.narrow(0, t0, n);
+    // Target rows one at a time: the AdaIN'd copies and partial results then cost one row each, and the kernel
+    // works row by row anyway.
+    for (int64_t t = g.begin; t < g.end; ++t) {
+      if (t == r) continue;
+      const at::Tensor qt = o.adain_queries ? adain_to(q.narrow(0, t, 1), q_mean, q_std) : q.narrow(0, t, 1);
+      const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t, 1), k_mean, k_std) : k.narrow(0, t, 1);
+      const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t, 1), v_mean, v_std) : v.narrow(0, t, 1);
       at::Tensor result;
       if (o.share_attention) {
         // Own block, and the reference block with λ folded into the logit scale and the shift added to every
-        // reference logit; the reference's k/v (batch 1) are broadcast over the span, never copied.
+        // reference logit; the reference's k/v are views of its row, never copied.
         const AttentionWithLse own = attention_with_lse(qt, kt, vt, call.scale, 0.0, attention_);
         const AttentionWithLse shared =
             attention_with_lse(qt, kr, vr, call.scale * o.shared_score_scale, o.shared_score_shift, attention_);
@@ -216,7 +210,7 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
       } else {
         result = scaled_dot_product_attention(qt, kt, vt, call.scale, attention_, call.upcast);
       }
-      out.narrow(0, t0, n).copy_(result);
+      out.narrow(0, t, 1).copy_(result);
     }
   }
   return out;

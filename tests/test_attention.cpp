@@ -112,25 +112,29 @@ TEST(attention, fused_exp_rows_kernel) {
   // Rows of awkward lengths (vector tails) and a wide value range, including values far below the row max.
   at::manual_seed(6);
   for (int64_t cols : {1, 7, 8, 31, 33, 4096 + 5}) {
+   for (float alpha : {1.0f, 0.3f, -0.7f}) {
     auto x = at::randn({5, cols}) * 20;
     x.index_put_({0, 0}, -200.0f);
-    auto ref = x.to(at::kDouble);
+    auto ref = x.to(at::kDouble) * static_cast<double>(alpha);
     auto ref_max = std::get<0>(ref.max(-1, true));
-    auto ref_exp = (ref - ref_max).exp();
     auto y = x.clone();
     std::vector<float> row_max(5), row_sum(5);
-    stylealigned::detail::exp_rows_inplace(y.data_ptr<float>(), 5, cols, cols, row_max.data(), row_sum.data());
-    // Relative accuracy of a few float ulps.
-    EXPECT_ALLCLOSE(y, ref_exp, 4e-7) << "cols " << cols;
+    stylealigned::detail::exp_rows_inplace(y.data_ptr<float>(), 5, cols, cols, alpha, row_max.data(),
+                                           row_sum.data());
+    // The kernel's max is max(alpha * x) rounded to float (half an ulp); relative to it, every exp is accurate to
+    // a few float ulps.
+    auto ref_exp = (ref - at::tensor(row_max, at::kFloat).to(at::kDouble).view({5, 1})).exp();
+    EXPECT_ALLCLOSE(y, ref_exp, 4e-7) << "cols " << cols << " alpha " << alpha;
     for (int64_t r = 0; r < 5; ++r) {
-      EXPECT_EQ(row_max[r], ref_max[r][0].item<double>());
+      EXPECT_NEAR(row_max[r], ref_max[r][0].item<double>(), 6e-8 * std::abs(ref_max[r][0].item<double>()));
       EXPECT_NEAR(row_sum[r], ref_exp[r].sum().item<double>(), 1e-6 * ref_exp[r].sum().item<double>());
     }
+   }
   }
   auto nan_row = at::zeros({1, 16});
   nan_row.index_put_({0, 3}, std::numeric_limits<float>::quiet_NaN());
   float m = 0, s = 0;
-  stylealigned::detail::exp_rows_inplace(nan_row.data_ptr<float>(), 1, 16, 16, &m, &s);
+  stylealigned::detail::exp_rows_inplace(nan_row.data_ptr<float>(), 1, 16, 16, 1.0f, &m, &s);
   EXPECT_TRUE(std::isnan(s)) << "a NaN logit must not be hidden";
 }
 
@@ -157,6 +161,18 @@ TEST(attention, lse_and_merge_equal_attention_over_concatenated_keys) {
     auto expected = at::matmul(at::softmax(logits, -1), vv);
     EXPECT_ALLCLOSE(merge_attention(own, ref), expected, 2e-6);
   }
+}
+
+TEST(attention, lse_of_half_inputs_is_computed_in_float) {
+  at::manual_seed(10);
+  auto q = at::randn({2, 2, 12, 8}).to(at::kHalf), k = at::randn({1, 2, 9, 8}).to(at::kHalf);
+  auto v = at::randn({1, 2, 9, 8}).to(at::kHalf);
+  auto r = attention_with_lse(q, k, v, 0.3, -0.5);
+  EXPECT_EQ(r.out.scalar_type(), at::kFloat);
+  EXPECT_EQ(r.lse.scalar_type(), at::kFloat);
+  auto k2 = k.expand({2, -1, -1, -1}), v2 = v.expand({2, -1, -1, -1});
+  EXPECT_ALLCLOSE(r.out, reference_attention(q, k2, v2, 0.3), 1e-5);
+  EXPECT_ALLCLOSE(r.lse, reference_lse(q, k2, 0.3, -0.5), 1e-5);
 }
 
 TEST(attention, merge_is_stable_for_far_apart_lse) {

@@ -1,7 +1,6 @@
 // StyleAligned: golden parity with the official sa_handler.py (tensor ops, switch vectors, 21 attention-layer cases),
 // properties of the shared processor and the shared GroupNorm, and a memory bound at 4096 tokens.
 #include <ATen/ATen.h>
-#include <c10/core/CPUAllocator.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -9,7 +8,6 @@
 #include <cmath>
 #include <iostream>
 #include <map>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -18,6 +16,7 @@
 #include "stylealigned/io/safetensors.h"
 #include "stylealigned/style_aligned.h"
 #include "support/test_support.h"
+#include "support/tracking_allocator.h"
 
 using namespace stylealigned;
 
@@ -369,6 +368,13 @@ TEST(style_aligned, install_follows_only_self_level_in_layer_order) {
   ASSERT_NE(sa, nullptr);
   EXPECT_EQ(sa->options().only_self_level, 0.5);
 
+  // The installed processors compute StyleAligned through the map.
+  const auto qkv = random_qkv(4, 2, 16, 8, 18);
+  const auto layout = BatchLayout::cfg(2);
+  AttentionCall call{layers[2], AttentionKind::self_attention, layout, 0.35};
+  EXPECT_ALLCLOSE(map.at(layers[2]).attend(qkv.q, qkv.k, qkv.v, call),
+                  official_style_aligned(qkv.q, qkv.k, qkv.v, layout, o, 0.35), 1e-5);
+
   // Installing again replaces the previous installation; sdxl_demo shares no norms.
   EXPECT_EQ(install_style_aligned(map, StyleAlignedOptions::sdxl_demo()), nullptr);
   for (int i = 0; i < 16; ++i) EXPECT_EQ(map.at(layers[2 * i]).name(), "style_aligned");
@@ -415,89 +421,11 @@ TEST(shared_group_norm, equals_official_concat_and_closed_form) {
 
 // ---- Memory: no N x 2N score tensor ---------------------------------------------------------------------------------
 
-namespace {
-
-// Wraps the CPU allocator and records live bytes, their peak and the largest single allocation.
-class TrackingAllocator final : public c10::Allocator {
- public:
-  explicit TrackingAllocator(c10::Allocator* base) : base_(base) {}
-
-  c10::DataPtr allocate(size_t n) const override {
-    c10::DataPtr inner = base_->allocate(n);
-    void* data = inner.get();
-    const c10::Device device = inner.device();
-    auto* ctx = new Ctx{std::move(inner), n, this};
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      live_ += n;
-      peak_ = std::max(peak_, live_);
-      largest_ = std::max(largest_, n);
-    }
-    return {data, ctx, &release, device};
-  }
-
-  void reset_peak() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    peak_ = live_;
-    largest_ = 0;
-  }
-  size_t live() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return live_;
-  }
-  size_t peak() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return peak_;
-  }
-  size_t largest() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return largest_;
-  }
-
- private:
-  struct Ctx {
-    c10::DataPtr inner;
-    size_t bytes;
-    const TrackingAllocator* owner;
-  };
-  static void release(void* p) {
-    auto* ctx = static_cast<Ctx*>(p);
-    {
-      std::lock_guard<std::mutex> lock(ctx->owner->mutex_);
-      ctx->owner->live_ -= ctx->bytes;
-    }
-    delete ctx;
-  }
-
-  c10::Allocator* base_;
-  mutable std::mutex mutex_;
-  mutable size_t live_ = 0, peak_ = 0, largest_ = 0;
-};
-
-// Installs the tracker for one scope. It stays alive for the process (tensors made under it may outlive the scope).
-class ScopedTracking {
- public:
-  static constexpr uint8_t kPriority = 100;
-  ScopedTracking() : base_(c10::GetCPUAllocator()) {
-    static TrackingAllocator* tracker = new TrackingAllocator(base_);
-    tracker_ = tracker;
-    c10::SetCPUAllocator(tracker_, kPriority);
-  }
-  ~ScopedTracking() { c10::SetCPUAllocator(base_, kPriority); }
-  TrackingAllocator& tracker() { return *tracker_; }
-
- private:
-  c10::Allocator* base_;
-  TrackingAllocator* tracker_;
-};
-
-}  // namespace
-
 TEST(style_aligned_memory, no_n_by_2n_scores_at_4096_tokens) {
   const int64_t batch = 4, heads = 2, tokens = 4096, dim = 64;
   const size_t row_score_bytes = sizeof(float) * heads * tokens * 2 * tokens;  // one row's [heads, N, 2N]: 256 MiB
   const size_t qkv_bytes = sizeof(float) * batch * heads * tokens * dim;       // 8 MiB each
-  ScopedTracking tracking;
+  sa_test::ScopedTracking tracking;
   auto q = at::randn({batch, heads, tokens, dim}), k = at::randn({batch, heads, tokens, dim});
   auto v = at::randn({batch, heads, tokens, dim});
   StyleAlignedOptions o = StyleAlignedOptions::transfer_notebook();

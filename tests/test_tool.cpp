@@ -62,7 +62,7 @@ TEST(tool, generate_reproduces_golden_latents_through_files) {
   args += " --steps 5 --guidance 7.5 --width 128 --height 128 --share-group-norm --share-layer-norm";
   args += " --latents " + quote((dir / "initial.safetensors").string());
   args += " --save-latents " + quote((dir / "final.safetensors").string());
-  args += " --out " + quote((dir / "set").string()) + " --quiet";
+  args += " --out " + quote((dir / "set").string()) + " --quiet --threads 2";
   auto r = run_tool(args);
   ASSERT_EQ(r.code, 0) << r.output;
 

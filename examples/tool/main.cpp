@@ -13,6 +13,8 @@ int main(int argc, char** argv) {
   CLI::App app{
       "stylealigned: style-aligned image sets with shared attention (StyleAligned, Hertz et al., CVPR 2024)"};
   app.require_subcommand(1);
+  // Global options (--threads) may also follow the subcommand: `stylealigned generate ... --threads 2`.
+  app.fallthrough();
   int threads = 0;
   app.add_option("--threads", threads, "CPU threads for libtorch (default: all cores)");
 

@@ -40,7 +40,9 @@ struct AttentionCall {
 /// The computation of one attention layer after projection and head split.
 ///
 /// `q` is [batch, heads, q_tokens, head_dim]; `k` and `v` are [batch, heads, kv_tokens, head_dim] (kv_tokens differs
-/// from q_tokens for cross-attention). Returns [batch, heads, q_tokens, head_dim] in q's dtype.
+/// from q_tokens for cross-attention). Returns [batch, heads, q_tokens, head_dim] in q's dtype. The result need not be
+/// contiguous: our kernels lay it out as [batch, q_tokens, heads, head_dim] in memory, so merging the heads back
+/// (`out.transpose(1, 2).reshape({batch, q_tokens, heads * head_dim})`) is a view.
 class AttentionProcessor {
  public:
   virtual ~AttentionProcessor() = default;
@@ -52,30 +54,35 @@ class AttentionProcessor {
 
 /// Limits for the attention kernels.
 struct AttentionOptions {
-  /// Largest score block (elements of q_chunk x kv_tokens, summed over batch and heads) materialised at once. The
-  /// query axis is chunked to stay below it; the result is exact softmax attention, not an approximation.
+  /// Largest score block (elements of q_chunk x kv_tokens, summed over the heads and rows in the block) materialised
+  /// at once. The query axis (and the heads) are chunked to stay below it, but one query row's kv_tokens scores always
+  /// exist. The result is exact softmax attention, not an approximation. The CPU kernel picks smaller,
+  /// cache-friendly blocks on its own (2^20 scores); this is the hard limit.
   int64_t max_score_elements = int64_t{1} << 22;
 };
 
 /// softmax(q kᵀ · scale) v, exact, chunked over queries so no more than `options.max_score_elements` scores exist at
-/// once. Uses libtorch's fused scaled_dot_product_attention where the linked libtorch has one and it applies.
-/// Works under autograd.
+/// once. With libtorch >= 2 it uses libtorch's fused scaled_dot_product_attention off the CPU and under autograd; CPU
+/// inference (and everything on libtorch 1.13) runs our chunked kernel. Works under autograd. `upcast` computes half
+/// and bfloat16 inputs in float32 (on CPU they always are) and casts the result back.
 at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                         const AttentionOptions& options = {}, bool upcast = false);
 
 /// Attention output together with the log-sum-exp of each query's logits, so two key blocks can be merged exactly:
 /// out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}).
 struct AttentionWithLse {
-  at::Tensor out;  ///< [batch, heads, q_tokens, head_dim], float32 if upcast else q's dtype
+  at::Tensor out;  ///< [batch, heads, q_tokens, head_dim]; float32 for half/bfloat16 inputs, else q's dtype
   at::Tensor lse;  ///< [batch, heads, q_tokens], float32
 };
 
 /// Like scaled_dot_product_attention, with `logit_shift` added to every logit, returning the log-sum-exp too.
-/// k and v may have batch size 1 while q has more rows (they are broadcast, never copied).
+/// k and v may have batch size 1 while q has more rows (they are broadcast, never copied). Half and bfloat16 inputs
+/// are computed in float32 so that merging stays accurate. Works under autograd (a slower, unfused path).
 AttentionWithLse attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                     double logit_shift = 0.0, const AttentionOptions& options = {});
 
-/// Merges two attention results over disjoint key sets by their log-sum-exp (numerically stable form).
+/// Merges two attention results over disjoint key sets by their log-sum-exp, in the stable form: with
+/// m = max(lse_a, lse_b), w = e^{lse - m} for each side, out = (w_a out_a + w_b out_b) / (w_a + w_b).
 at::Tensor merge_attention(const AttentionWithLse& a, const AttentionWithLse& b);
 
 /// Plain attention for every layer: what diffusers' AttnProcessor2_0 computes.

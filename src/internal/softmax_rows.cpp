@@ -16,14 +16,15 @@
 namespace stylealigned::detail {
 namespace {
 
-void exp_rows_scalar(float* data, int64_t rows, int64_t cols, int64_t ld, float* row_max, float* row_sum) {
+void exp_rows_scalar(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
+                     float* row_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     float* x = data + r * ld;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < cols; ++j) m = std::max(m, x[j]);
+    for (int64_t j = 0; j < cols; ++j) m = std::max(m, alpha * x[j]);
     double s = 0.0;
     for (int64_t j = 0; j < cols; ++j) {
-      x[j] = std::exp(x[j] - m);
+      x[j] = std::exp(alpha * x[j] - m);
       s += x[j];
     }
     row_max[r] = m;
@@ -68,23 +69,25 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 }
 
 __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows, int64_t cols, int64_t ld,
-                                                       float* row_max, float* row_sum) {
+                                                       float alpha, float* row_max, float* row_sum) {
   const int64_t vec_end = cols - cols % 8;
+  const __m256 va = _mm256_set1_ps(alpha);
   for (int64_t r = 0; r < rows; ++r) {
     float* x = data + r * ld;
     __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < vec_end; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + j));
+    for (int64_t j = 0; j < vec_end; j += 8) vmax = _mm256_max_ps(vmax, _mm256_mul_ps(va, _mm256_loadu_ps(x + j)));
     float m = hmax(vmax);
-    for (int64_t j = vec_end; j < cols; ++j) m = std::max(m, x[j]);
-    // Four accumulators keep the float sum short (and the FMA pipes busy).
+    for (int64_t j = vec_end; j < cols; ++j) m = std::max(m, alpha * x[j]);
+    // alpha * x - max in one FMA (the product unrounded: the maximum's exponent is then within half an ulp of
+    // max(alpha * x) from 0 rather than exactly 0). Four accumulators keep the float sum short.
     const __m256 vm = _mm256_set1_ps(m);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     int64_t j = 0;
     for (; j + 32 <= vec_end; j += 32) {
-      const __m256 e0 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
-      const __m256 e1 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm));
-      const __m256 e2 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j + 16), vm));
-      const __m256 e3 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j + 24), vm));
+      const __m256 e0 = exp_nonpositive(_mm256_fmsub_ps(va, _mm256_loadu_ps(x + j), vm));
+      const __m256 e1 = exp_nonpositive(_mm256_fmsub_ps(va, _mm256_loadu_ps(x + j + 8), vm));
+      const __m256 e2 = exp_nonpositive(_mm256_fmsub_ps(va, _mm256_loadu_ps(x + j + 16), vm));
+      const __m256 e3 = exp_nonpositive(_mm256_fmsub_ps(va, _mm256_loadu_ps(x + j + 24), vm));
       _mm256_storeu_ps(x + j, e0);
       _mm256_storeu_ps(x + j + 8, e1);
       _mm256_storeu_ps(x + j + 16, e2);
@@ -95,13 +98,13 @@ __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows
       s3 = _mm256_add_ps(s3, e3);
     }
     for (; j < vec_end; j += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+      const __m256 e = exp_nonpositive(_mm256_fmsub_ps(va, _mm256_loadu_ps(x + j), vm));
       _mm256_storeu_ps(x + j, e);
       s0 = _mm256_add_ps(s0, e);
     }
     float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     for (; j < cols; ++j) {
-      x[j] = std::exp(x[j] - m);
+      x[j] = std::exp(alpha * x[j] - m);
       s += x[j];
     }
     row_max[r] = m;
@@ -110,7 +113,10 @@ __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows
 }
 
 bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = [] {
+    __builtin_cpu_init();  // may run before libgcc's own initialiser when called from a static constructor
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return has;
 }
 
@@ -126,19 +132,20 @@ bool fast_exp_rows_available() {
 #endif
 }
 
-void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float* row_max, float* row_sum) {
+void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
+                      float* row_sum) {
   const bool fast = fast_exp_rows_available();
   // About 64k elements per task: enough work to amortise a thread hand-off, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
 #if STYLEALIGNED_X86_AVX2_KERNEL
     if (fast) {
-      exp_rows_avx2(data + begin * ld, end - begin, cols, ld, row_max + begin, row_sum + begin);
+      exp_rows_avx2(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin);
       return;
     }
 #endif
     (void)fast;
-    exp_rows_scalar(data + begin * ld, end - begin, cols, ld, row_max + begin, row_sum + begin);
+    exp_rows_scalar(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin);
   });
 }
 

@@ -13,8 +13,10 @@ namespace stylealigned::detail {
 /// True when the vectorised (AVX2 + FMA) kernel runs on this CPU; otherwise exp_rows_inplace uses std::exp.
 bool fast_exp_rows_available();
 
-/// For each of `rows` rows of `cols` floats (row r starts at data + r * ld): row <- exp(row - max), writes max and
+/// For each of `rows` rows of `cols` floats (row r starts at data + r * ld), with y = alpha * row (the logit scale
+/// applied on the fly, so the GEMM before needs no scaled copy of q): row <- exp(y - max(y)); writes max(y) and the
 /// sum of the new row to row_max[r] and row_sum[r]. Rows are spread over ATen's intra-op threads.
-void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float* row_max, float* row_sum);
+void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
+                      float* row_sum);
 
 }  // namespace stylealigned::detail

@@ -4,6 +4,8 @@
 
 #include <fstream>
 #include <set>
+
+#include <unistd.h>
 #include <stdexcept>
 
 namespace sa_test {
@@ -37,9 +39,13 @@ std::filesystem::path tokenizer_folder(const std::string& relative) {
   fs::path folder = scratch_dir("folders") / relative;
   fs::create_directories(folder);
   auto copy = [&](const fs::path& from, const char* name) {
-    fs::copy_file(from, folder / name, fs::copy_options::overwrite_existing);
+    // Copy under a private name, then rename (atomic): test binaries running in parallel assemble the same folders.
+    fs::path tmp = folder / name;
+    tmp += ".tmp" + std::to_string(::getpid());
+    fs::copy_file(from, tmp, fs::copy_options::overwrite_existing);
     // Sources may be read-only (the shared golden folder); the next run must be able to overwrite the copy.
-    fs::permissions(folder / name, fs::perms::owner_write, fs::perm_options::add);
+    fs::permissions(tmp, fs::perms::owner_write, fs::perm_options::add);
+    fs::rename(tmp, folder / name);
   };
   for (const char* name : {"vocab.json", "merges.txt"}) copy(data_dir() / "clip" / name, name);
   for (const char* name : {"special_tokens_map.json", "tokenizer_config.json"}) {
@@ -51,7 +57,7 @@ std::filesystem::path tokenizer_folder(const std::string& relative) {
 std::filesystem::path model_folder(const std::string& model) {
   namespace fs = std::filesystem;
   const std::string rel = "models/" + model;
-  fs::path folder = scratch_dir("folders") / rel;
+  fs::path folder = scratch_dir("model_folders") / rel;
   // Every file of the model, from the committed copies first, then the shared golden folder; linked, not copied.
   std::set<fs::path> files;
   for (const auto& root : {data_dir() / "golden" / rel, golden_dir() / rel}) {
@@ -66,8 +72,13 @@ std::filesystem::path model_folder(const std::string& model) {
     const bool vocab = name == "vocab.json" || name == "merges.txt";
     const fs::path source = vocab ? data_dir() / "clip" / name : fixture(rel + "/" + f.string());
     fs::create_directories((folder / f).parent_path());
-    fs::remove(folder / f);
-    fs::create_symlink(fs::absolute(source), folder / f);
+    // Test binaries run in parallel and may assemble the same folder: link under a private name, then rename
+    // (atomic) over whatever is there.
+    fs::path tmp = folder / f;
+    tmp += ".tmp" + std::to_string(::getpid());
+    fs::remove(tmp);
+    fs::create_symlink(fs::absolute(source), tmp);
+    fs::rename(tmp, folder / f);
   }
   return folder;
 }
