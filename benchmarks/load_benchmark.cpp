@@ -50,8 +50,10 @@ void print_total(const MemoryDelta& m, uint64_t bytes) {
   const double weights_mib = bytes / (1024.0 * 1024.0);
   fmt::print(
       "{{\"weights_mb\": {:.2f}, \"rss_before_mb\": {:.1f}, \"peak_rss_mb\": {:.1f}, \"increase_mb\": {:.1f}, "
-      "\"retained_mb\": {:.1f}, \"increase_over_weights\": {:.3f}{}}}\n",
-      weights_mib, m.before_mib, m.peak_mib, m.increase_mib(), m.after_mib - m.before_mib,
+      "\"retained_mb\": {:.1f}, \"retained_anon_mb\": {:.1f}, \"retained_file_mb\": {:.1f}, "
+      "\"increase_over_weights\": {:.3f}{}}}\n",
+      weights_mib, m.before_mib, m.peak_mib, m.increase_mib(), m.after_mib - m.before_mib, m.anon_change_mib,
+      m.file_change_mib,
       m.increase_mib() / weights_mib, m.peak_reset ? "" : ", \"warning\": \"peak RSS could not be reset\"");
 }
 
@@ -67,8 +69,9 @@ void breakdown(const fs::path& dir) {
     const uint64_t bytes = safetensors_bytes(dir / component);
     fmt::print(
         "{{\"component\": \"{}\", \"weights_mb\": {:.2f}, \"peak_increase_mb\": {:.1f}, \"retained_mb\": {:.1f}, "
-        "\"load_ms\": {:.1f}}}\n",
-        component, bytes / (1024.0 * 1024.0), d.increase_mib(), d.after_mib - d.before_mib, ms);
+        "\"anon_mb\": {:.1f}, \"file_mb\": {:.1f}, \"load_ms\": {:.1f}}}\n",
+        component, bytes / (1024.0 * 1024.0), d.increase_mib(), d.after_mib - d.before_mib, d.anon_change_mib,
+        d.file_change_mib, ms);
   };
   auto tokenizer = [&](const std::string& name) {
     step(name, [&] { return std::make_shared<m::ClipTokenizer>(m::ClipTokenizer::from_folder(dir / name)); });

@@ -38,9 +38,12 @@ TEST(load_memory, sdxl_tiny_pipeline_peak_under_1_3x_weights) {
   std::printf("[ info     ] Pipeline::load(sdxl_tiny): weights %.2f MB, peak RSS increase %.2f MB = %.3fx (bound 1.3x)\n",
               weights_mb, increase_mb, ratio);
   RecordProperty("increase_over_weights", std::to_string(ratio));
-  // The bound of the issue itself; the measured value sits well below it (about 1.1x), so allocator noise of a
-  // megabyte or two does not make this flaky.
+  // The bound of the issue itself. Measured here: about 1.24x, of which 1.16x is anonymous memory (the weights, the
+  // tokenizer's 1.4 MB of tables, module bookkeeping) and the rest file-backed pages (our library's code and ICU's
+  // normalisation data, run for the first time).
   EXPECT_LE(ratio, 1.3) << output;
+  // Our own allocations, tighter: a second copy of even the largest tensor (the 6 MB token embedding) fails this.
+  EXPECT_LE(m["anon_change_mb"].get<double>() / weights_mb, 1.2) << output;
   // The pipeline does hold its weights once loaded: a measurement that saw nothing would be broken, not good.
   EXPECT_GE(m["rss_after_mb"].get<double>() - m["rss_before_mb"].get<double>(), 0.8 * weights_mb) << output;
 }

@@ -46,6 +46,10 @@ struct MemoryDelta {
   double peak_mib = 0;    ///< peak RSS during the work
   double after_mib = 0;   ///< RSS after it
   bool peak_reset = false;  ///< false: the peak could not be reset and may predate the work
+  /// Of the RSS change: anonymous memory (heap, tensors) and file-backed pages (code and data of the libraries that
+  /// the work ran for the first time, page cache of mapped files still touched).
+  double anon_change_mib = 0;
+  double file_change_mib = 0;
   double increase_mib() const { return peak_mib - before_mib; }
 };
 
@@ -56,6 +60,11 @@ inline void warm_up_torch() {
   at::Tensor y = at::conv2d(x, at::randn({8, 8, 3, 3}), {}, 1, 1);
   at::Tensor z = at::matmul(y.flatten(1), at::randn({y.flatten(1).size(1), 16}));
   (void)z.sum().item<float>();
+  // The conversions and copies loading runs (libtorch code pages, dispatch tables), on tensors of no size to speak of.
+  at::Tensor w = at::empty({64, 64});
+  w.view({-1}).narrow(0, 0, 1024).copy_(at::ones({1024}, at::kHalf));
+  w.copy_(at::ones({64, 64}, at::kBFloat16));
+  w.set_data(at::ones({64, 64}, at::kDouble).to(at::kFloat, false, true));
 }
 
 /// RSS before, peak RSS during and RSS after `work`.
@@ -63,9 +72,12 @@ inline MemoryDelta measure_memory(const std::function<void()>& work) {
   MemoryDelta m;
   m.peak_reset = reset_peak_rss();
   m.before_mib = proc_status_mib("VmRSS");
+  const double anon_before = proc_status_mib("RssAnon"), file_before = proc_status_mib("RssFile");
   work();
   m.peak_mib = proc_status_mib("VmHWM");
   m.after_mib = proc_status_mib("VmRSS");
+  m.anon_change_mib = proc_status_mib("RssAnon") - anon_before;
+  m.file_change_mib = proc_status_mib("RssFile") - file_before;
   return m;
 }
 

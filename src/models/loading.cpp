@@ -153,6 +153,23 @@ void load_weights(torch::nn::Module& module, const io::Checkpoint& checkpoint, c
     at::Tensor source = checkpoint.tensor(slot.name);
     const c10::ScalarType target =
         c10::isFloatingType(slot.tensor.scalar_type()) ? options.dtype : slot.tensor.scalar_type();
+    if (slot.tensor.scalar_type() == target && slot.tensor.device() == options.device &&
+        slot.tensor.is_contiguous() && source.is_contiguous()) {
+      // The module already holds a tensor of the final dtype and place: convert into it in slices of about 1 MiB,
+      // dropping each slice's file pages as soon as it is copied. A new tensor per slot would briefly hold two
+      // copies of it, which for a large single tensor (SD's 49408-token embedding is most of a small text encoder)
+      // doubles the peak of the whole load.
+      at::Tensor dst = slot.tensor.view({-1});
+      at::Tensor src = source.view({-1});
+      const int64_t slice = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, src.element_size()));
+      for (int64_t begin = 0; begin < src.numel(); begin += slice) {
+        const int64_t length = std::min(slice, src.numel() - begin);
+        at::Tensor part = src.narrow(0, begin, length);
+        dst.narrow(0, begin, length).copy_(part);
+        release_mapped_pages(part);
+      }
+      continue;
+    }
     // copy=true: the result must own its memory even when dtype and device already match (the mapping is
     // read-only and may be closed after loading).
     at::Tensor value = source.to(options.device, target, /*non_blocking=*/false, /*copy=*/true);

@@ -22,8 +22,9 @@ int main(int argc, char** argv) {
     const sai::MemoryDelta m = sai::measure_memory([&] { pipeline.emplace(stylealigned::Pipeline::load(argv[1])); });
     fmt::print(
         "{{\"weights_bytes\": {}, \"rss_before_mb\": {:.2f}, \"peak_rss_mb\": {:.2f}, \"rss_after_mb\": {:.2f}, "
-        "\"peak_reset\": {}}}\n",
-        sai::safetensors_bytes(argv[1]), m.before_mib, m.peak_mib, m.after_mib, m.peak_reset);
+        "\"anon_change_mb\": {:.2f}, \"file_change_mb\": {:.2f}, \"peak_reset\": {}}}\n",
+        sai::safetensors_bytes(argv[1]), m.before_mib, m.peak_mib, m.after_mib, m.anon_change_mib, m.file_change_mib,
+        m.peak_reset);
   } catch (const std::exception& e) {
     fmt::print(stderr, "sa_load_memory_probe: {}\n", e.what());
     return 1;
