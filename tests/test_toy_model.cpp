@@ -1,0 +1,446 @@
+// The embedded toy model's definition: its tokenizer folder (built from the world's words), its configs (parsed by
+// our loaders, within the 12 MB budget) and its export as a diffusers folder that Pipeline::load runs unmodified.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "stylealigned/ddim.h"
+#include "stylealigned/error.h"
+#include "stylealigned/io/safetensors.h"
+#include "stylealigned/log.h"
+#include "stylealigned/models/clip_text.h"
+#include "stylealigned/models/tokenizer.h"
+#include "stylealigned/models/unet.h"
+#include "stylealigned/models/vae.h"
+#include "stylealigned/pipeline.h"
+#include "stylealigned/toy/model.h"
+#include "stylealigned/toy/world.h"
+#include "support/test_support.h"
+
+namespace fs = std::filesystem;
+namespace toy = stylealigned::toy;
+namespace models = stylealigned::models;
+using nlohmann::json;
+
+namespace {
+
+// The budget of issue 8: all weights together at most 12 MB (decimal megabytes, the stricter reading).
+constexpr int64_t kBudgetBytes = 12'000'000;
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Warnings raised while alive, for "parses without complaint" checks.
+class WarningCapture {
+ public:
+  WarningCapture() {
+    previous_ = stylealigned::set_warning_handler([this](std::string_view m) { messages.emplace_back(m); });
+  }
+  ~WarningCapture() { stylealigned::set_warning_handler(previous_); }
+  std::vector<std::string> messages;
+
+ private:
+  stylealigned::WarningHandler previous_;
+};
+
+fs::path tokenizer_dir() {
+  static const fs::path dir = [] {
+    fs::path d = sa_test::scratch_dir("toy_model") / "tokenizer";
+    fs::remove_all(d);
+    toy::write_tokenizer_folder(d);
+    return d;
+  }();
+  return dir;
+}
+
+// The words and punctuation marks of a caption, as CLIP's pre-tokenizer splits them.
+std::vector<std::string> caption_words(const std::string& text) {
+  std::vector<std::string> words;
+  std::string cur;
+  for (char c : text) {
+    if (c == ' ' || c == ',') {
+      if (!cur.empty()) words.push_back(cur);
+      cur.clear();
+      if (c == ',') words.emplace_back(",");
+    } else {
+      cur += c;
+    }
+  }
+  if (!cur.empty()) words.push_back(cur);
+  return words;
+}
+
+int64_t count_parameters(const torch::nn::Module& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters()) n += p.numel();
+  for (const auto& b : m.buffers()) n += b.numel();
+  return n;
+}
+
+struct ToyModels {
+  models::CLIPTextModel text_encoder{nullptr};
+  models::UNet2DConditionModel unet{nullptr};
+  models::AutoencoderKL vae{nullptr};
+};
+
+ToyModels random_models() {
+  ToyModels m;
+  m.text_encoder = models::CLIPTextModel(toy::text_encoder_config());
+  m.unet = models::UNet2DConditionModel::from_config(toy::unet_config());
+  m.vae = models::AutoencoderKL::from_config(toy::vae_config());
+  return m;
+}
+
+std::set<std::string> entries(const fs::path& dir) {
+  std::set<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
+  return out;
+}
+
+}  // namespace
+
+// --- tokenizer -------------------------------------------------------------------------------------------------------
+
+TEST(toy_tokenizer, folder_has_clip_layout_and_valid_bpe_order) {
+  const fs::path dir = tokenizer_dir();
+  for (const char* f : {"vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"}) {
+    EXPECT_TRUE(fs::is_regular_file(dir / f)) << f;
+  }
+  const json vocab = sa_test::read_json(dir / "vocab.json");
+  const int64_t n = toy::tokenizer_vocab_size();
+  ASSERT_EQ(static_cast<int64_t>(vocab.size()), n);
+  std::vector<std::string> by_id(static_cast<size_t>(n));
+  for (const auto& [token, id] : vocab.items()) {
+    const auto i = id.get<int64_t>();
+    ASSERT_TRUE(i >= 0 && i < n) << token;
+    EXPECT_TRUE(by_id[static_cast<size_t>(i)].empty()) << "id " << i << " used twice";
+    by_id[static_cast<size_t>(i)] = token;
+  }
+  EXPECT_EQ(by_id[0], "!");  // CLIP's byte order: printable bytes first
+  EXPECT_EQ(by_id[256], "!</w>");
+  EXPECT_EQ(by_id[static_cast<size_t>(toy::tokenizer_bos_id())], "<|startoftext|>");
+  EXPECT_EQ(by_id[static_cast<size_t>(toy::tokenizer_eos_id())], "<|endoftext|>");
+
+  // Every merge's parts exist before it (byte symbols or results of earlier merges); each result is in the vocab.
+  std::set<std::string> available(by_id.begin(), by_id.begin() + 512);
+  std::istringstream merges(read_text(dir / "merges.txt"));
+  std::string line;
+  std::getline(merges, line);
+  EXPECT_EQ(line, "#version: 0.2");
+  int merge_count = 0;
+  while (std::getline(merges, line)) {
+    if (line.empty()) continue;
+    const auto space = line.find(' ');
+    ASSERT_NE(space, std::string::npos) << line;
+    const std::string a = line.substr(0, space), b = line.substr(space + 1);
+    EXPECT_EQ(available.count(a), 1u) << "merge " << merge_count << " '" << line << "' uses '" << a << "' too early";
+    EXPECT_EQ(available.count(b), 1u) << "merge " << merge_count << " '" << line << "' uses '" << b << "' too early";
+    EXPECT_TRUE(vocab.contains(a + b)) << line;
+    available.insert(a + b);
+    ++merge_count;
+  }
+  EXPECT_GT(merge_count, 0);
+  // Settings as SD1.5's tokenizer: pad = EOS, 77 positions.
+  const json config = sa_test::read_json(dir / "tokenizer_config.json");
+  EXPECT_EQ(config.at("tokenizer_class"), "CLIPTokenizer");
+  EXPECT_EQ(config.at("added_tokens_decoder").at(std::to_string(toy::tokenizer_eos_id())).at("content"),
+            "<|endoftext|>");
+  std::printf("  toy vocabulary: %lld ids (512 byte symbols, %d merges, 2 special tokens)\n",
+              static_cast<long long>(n), merge_count);
+}
+
+TEST(toy_tokenizer, every_caption_word_is_one_token_and_decodes_back) {
+  const auto tok = models::ClipTokenizer::from_folder(tokenizer_dir());
+  EXPECT_EQ(tok.vocab_size(), toy::tokenizer_vocab_size());
+  EXPECT_EQ(tok.bos_id(), toy::tokenizer_bos_id());
+  EXPECT_EQ(tok.eos_id(), toy::tokenizer_eos_id());
+  EXPECT_EQ(tok.pad_id(), toy::tokenizer_eos_id());
+  EXPECT_EQ(tok.max_length(), 77);
+
+  // Every word of the world's vocabulary and every value name is one token.
+  std::vector<std::string> words = toy::vocabulary();
+  for (toy::Attribute a : toy::kAllAttributes) {
+    for (int v = 0; v < toy::num_values(a); ++v) words.emplace_back(toy::value_name(a, v));
+  }
+  for (const auto& w : words) {
+    const auto ids = tok.tokenize(w);
+    ASSERT_EQ(ids.size(), 1u) << "'" << w << "' takes " << ids.size() << " tokens";
+    EXPECT_EQ(tok.token(ids[0]), w + "</w>");
+  }
+
+  // Every caption form of many scenes: one token per word or comma, decodes back to the caption.
+  std::mt19937_64 rng(8);
+  int captions = 0;
+  for (int i = 0; i < 200; ++i) {
+    const toy::Scene scene = toy::sample_scene(rng);
+    std::vector<std::string> texts;
+    for (unsigned bits = 0; bits < 32; bits += 2) {  // every subset of the style attributes (bit 0 is the object)
+      toy::AttributeSet set;
+      for (toy::Attribute a : toy::kAllAttributes) {
+        if (bits & (1u << static_cast<unsigned>(a))) set = set.with(a);
+      }
+      for (auto form : {toy::CaptionForm::phrase, toy::CaptionForm::list}) {
+        texts.push_back(toy::caption(scene.attributes, set, form));
+      }
+    }
+    texts.push_back(toy::random_caption(scene.attributes, rng));
+    for (const auto& text : texts) {
+      const auto ids = tok.tokenize(text);
+      const auto expected = caption_words(text);
+      ASSERT_EQ(ids.size(), expected.size()) << "'" << text << "'";
+      for (size_t k = 0; k < ids.size(); ++k) {
+        // The whole word as one token (for "a" and "," that token is the byte symbol itself).
+        ASSERT_EQ(tok.token(ids[k]), expected[k] + "</w>") << "'" << text << "'";
+      }
+      EXPECT_EQ(tok.decode(tok.encode(text), /*skip_special_tokens=*/true), text);
+      const auto full = tok.encode(text);
+      ASSERT_EQ(full.size(), 77u);
+      EXPECT_EQ(full[0], toy::tokenizer_bos_id());
+      EXPECT_EQ(full[expected.size() + 1], toy::tokenizer_eos_id());
+      ++captions;
+    }
+  }
+  EXPECT_GT(captions, 6000);
+
+  // Words outside the world still tokenize (byte-level fallback) and round-trip.
+  const std::string other = "A Zebra, 42 Ünïcode!";
+  EXPECT_GT(tok.tokenize(other).size(), 4u);
+  EXPECT_EQ(tok.decode(tok.encode(other), true), "a zebra, 4 2 ünïcode!");
+}
+
+// --- configs ---------------------------------------------------------------------------------------------------------
+
+TEST(toy_configs, parse_with_our_loaders_without_warnings) {
+  WarningCapture warnings;
+  const models::UNetConfig unet = models::UNetConfig::from_json(toy::unet_config_json(), "toy unet");
+  EXPECT_EQ(unet.sample_size, 16);
+  EXPECT_EQ(unet.in_channels, 4);
+  EXPECT_EQ(unet.out_channels, 4);
+  EXPECT_EQ(unet.levels(), 3);
+  const models::UNetConfig norm = unet.normalized();
+  EXPECT_EQ(norm.cross_attention_dim.front(), toy::text_encoder_config().hidden_size);
+  for (int64_t i = 0; i < norm.levels(); ++i) {
+    const int64_t head = norm.block_out_channels[i] / norm.num_attention_heads[i];
+    EXPECT_TRUE(head >= 32 && head <= 64) << "level " << i << " head size " << head;
+    EXPECT_EQ(norm.block_out_channels[i] % norm.num_attention_heads[i], 0);
+  }
+  EXPECT_EQ(norm.down_block_types[0], "CrossAttnDownBlock2D");  // self-attention at 16x16 ...
+  EXPECT_EQ(norm.down_block_types[1], "CrossAttnDownBlock2D");  // ... and 8x8
+  EXPECT_EQ(norm.up_block_types.back(), "CrossAttnUpBlock2D");
+
+  const models::VAEConfig vae = models::VAEConfig::from_json(toy::vae_config_json(), "toy vae");
+  EXPECT_EQ(vae.scale_factor(), 4);
+  EXPECT_EQ(vae.latent_channels, 4);
+  EXPECT_EQ(vae.sample_size, 64);
+  EXPECT_DOUBLE_EQ(vae.scaling_factor, 1.0);
+  EXPECT_DOUBLE_EQ(models::VAEConfig::from_json(toy::vae_config_json(0.7)).scaling_factor, 0.7);
+  EXPECT_DOUBLE_EQ(toy::vae_config(0.7).scaling_factor, 0.7);
+  EXPECT_THROW(toy::vae_config_json(0.0), stylealigned::Error);
+  EXPECT_THROW(toy::vae_config_json(std::nan("")), stylealigned::Error);
+
+  const auto sched = stylealigned::SchedulerConfig::from_json(toy::scheduler_config_json(), "toy scheduler");
+  EXPECT_EQ(sched.num_train_timesteps, 1000);
+  EXPECT_DOUBLE_EQ(sched.beta_start, 0.00085);
+  EXPECT_DOUBLE_EQ(sched.beta_end, 0.012);
+  EXPECT_EQ(sched.beta_schedule, stylealigned::BetaSchedule::scaled_linear);
+  EXPECT_FALSE(sched.clip_sample);
+  EXPECT_FALSE(sched.set_alpha_to_one);
+  EXPECT_EQ(sched.steps_offset, 1);
+
+  // The text encoder's struct agrees with its JSON as CLIPTextConfig::from_file reads it.
+  const fs::path te_json = sa_test::scratch_dir("toy_model") / "text_encoder_config.json";
+  { std::ofstream(te_json) << toy::text_encoder_config_json(); }
+  const models::CLIPTextConfig parsed = models::CLIPTextConfig::from_file(te_json);
+  const models::CLIPTextConfig te = toy::text_encoder_config();
+  EXPECT_EQ(parsed.vocab_size, toy::tokenizer_vocab_size());
+  EXPECT_EQ(parsed.vocab_size, te.vocab_size);
+  EXPECT_EQ(parsed.hidden_size, te.hidden_size);
+  EXPECT_EQ(parsed.intermediate_size, te.intermediate_size);
+  EXPECT_EQ(parsed.num_hidden_layers, te.num_hidden_layers);
+  EXPECT_EQ(parsed.num_attention_heads, te.num_attention_heads);
+  EXPECT_EQ(parsed.max_position_embeddings, te.max_position_embeddings);
+  EXPECT_EQ(parsed.hidden_act, te.hidden_act);
+  EXPECT_DOUBLE_EQ(parsed.layer_norm_eps, te.layer_norm_eps);
+  EXPECT_EQ(parsed.projection_dim, te.projection_dim);
+  EXPECT_EQ(parsed.eos_token_id, te.eos_token_id);
+  EXPECT_EQ(parsed.with_projection, te.with_projection);
+  const json te_j = json::parse(toy::text_encoder_config_json());
+  EXPECT_EQ(te_j.at("bos_token_id").get<int64_t>(), toy::tokenizer_bos_id());
+  EXPECT_EQ(te_j.at("pad_token_id").get<int64_t>(), toy::tokenizer_eos_id());
+  EXPECT_EQ(te_j.at("hidden_act"), "quick_gelu");
+
+  const json index = json::parse(toy::model_index_json());
+  EXPECT_EQ(index.at("_class_name"), "StableDiffusionPipeline");
+  EXPECT_EQ(index.at("unet"), json({"diffusers", "UNet2DConditionModel"}));
+  EXPECT_TRUE(index.at("safety_checker").at(0).is_null());
+
+  EXPECT_TRUE(warnings.messages.empty()) << warnings.messages.front();
+}
+
+TEST(toy_configs, parameters_fit_the_budget) {
+  const ToyModels m = random_models();
+  const int64_t te = count_parameters(*m.text_encoder);
+  const int64_t unet = count_parameters(*m.unet);
+  const int64_t vae = count_parameters(*m.vae);
+  const int64_t total = te + unet + vae;
+  std::printf("  toy parameters: text encoder %lld, UNet %lld, VAE %lld, total %lld = %.2f MB in fp16\n",
+              static_cast<long long>(te), static_cast<long long>(unet), static_cast<long long>(vae),
+              static_cast<long long>(total), 2.0 * static_cast<double>(total) / 1e6);
+  EXPECT_LE(2 * total, kBudgetBytes);
+  EXPECT_GE(2 * total, kBudgetBytes / 2);  // and uses most of it: a model that small would be a mistake here
+}
+
+// --- export ----------------------------------------------------------------------------------------------------------
+
+TEST(toy_export, random_model_loads_and_generates_within_budget) {
+  const fs::path root = sa_test::scratch_dir("toy_model") / "export";
+  fs::remove_all(root);
+  fs::create_directories(root);
+  const fs::path dir = root / "toy";
+  ToyModels m = random_models();
+  toy::export_model_folder(dir, m.text_encoder, m.unet, m.vae, at::kHalf, /*vae_scaling_factor=*/0.75);
+  EXPECT_EQ(entries(root), std::set<std::string>{"toy"}) << "temporary folders left behind";
+  EXPECT_EQ(entries(dir), (std::set<std::string>{"model_index.json", "scheduler", "text_encoder", "tokenizer", "unet",
+                                                 "vae"}));
+
+  // Weights: fp16 files with exactly the modules' tensor names, within the budget.
+  int64_t bytes = 0;
+  for (const char* f : {"text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                        "vae/diffusion_pytorch_model.safetensors"}) {
+    const auto file = stylealigned::io::SafetensorsFile::open(dir / f);
+    for (const auto& info : file.tensors()) EXPECT_EQ(info.dtype, stylealigned::io::DType::F16) << info.name;
+    EXPECT_EQ(file.metadata().at("format"), "pt");
+    bytes += static_cast<int64_t>(fs::file_size(dir / f));
+  }
+  std::printf("  exported weight files: %lld bytes (budget %lld)\n", static_cast<long long>(bytes),
+              static_cast<long long>(kBudgetBytes));
+  EXPECT_LE(bytes, kBudgetBytes);
+  EXPECT_EQ(sa_test::read_json(dir / "vae" / "config.json").at("scaling_factor").get<double>(), 0.75);
+
+  // The loaders read back the fp16-rounded weights exactly.
+  const auto unet = models::UNet2DConditionModel::from_pretrained(dir / "unet");
+  const auto original = m.unet->named_parameters();
+  for (const auto& p : unet->named_parameters()) {
+    ASSERT_TRUE(original.contains(p.key())) << p.key();
+    EXPECT_TRUE(p.value().equal(original[p.key()].detach().to(at::kHalf).to(at::kFloat))) << p.key();
+  }
+
+  // The real pipeline loads the folder and generates.
+  WarningCapture warnings;
+  auto pipe = stylealigned::Pipeline::load(dir);
+  EXPECT_EQ(pipe.family(), stylealigned::ModelFamily::sd1);
+  EXPECT_EQ(pipe.default_width(), 64);
+  EXPECT_EQ(pipe.vae_scale_factor(), 4);
+  stylealigned::GenerationRequest req;
+  req.prompts = {"a star in pastel striped style", "a heart, dotted, outlined"};
+  req.steps = 2;
+  req.seed = 3;
+  req.width = req.height = 64;
+  const auto r = pipe.generate(req);
+  EXPECT_EQ(r.images.sizes(), (c10::IntArrayRef{2, 3, 64, 64}));
+  EXPECT_EQ(r.latents.sizes(), (c10::IntArrayRef{2, 4, 16, 16}));
+  EXPECT_TRUE(at::isfinite(r.images).all().item<bool>());
+  EXPECT_TRUE(at::isfinite(r.decoded).all().item<bool>());
+  req.style_aligned = stylealigned::StyleAlignedOptions{};
+  const auto sa = pipe.generate(req);
+  EXPECT_TRUE(at::isfinite(sa.images).all().item<bool>());
+  EXPECT_TRUE(warnings.messages.empty()) << warnings.messages.front();
+}
+
+TEST(toy_export, refuses_non_empty_folder_and_overwrites_only_when_asked) {
+  const fs::path root = sa_test::scratch_dir("toy_model") / "overwrite";
+  fs::remove_all(root);
+  fs::create_directories(root / "toy");
+  ToyModels m = random_models();
+
+  // An existing empty folder is fine.
+  toy::export_model_folder(root / "toy", m.text_encoder, m.unet, m.vae);
+  EXPECT_TRUE(fs::is_regular_file(root / "toy" / "unet" / "diffusion_pytorch_model.safetensors"));
+
+  // A non-empty one is refused and left as it was.
+  { std::ofstream(root / "toy" / "marker.txt") << "keep me"; }
+  try {
+    toy::export_model_folder(root / "toy", m.text_encoder, m.unet, m.vae);
+    ADD_FAILURE() << "export over a non-empty folder did not throw";
+  } catch (const stylealigned::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not empty"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find((root / "toy").string()), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(fs::exists(root / "toy" / "marker.txt"));
+  EXPECT_EQ(entries(root), std::set<std::string>{"toy"});
+
+  // With overwrite the folder is replaced as a whole (the marker goes), in float32 this time.
+  toy::export_model_folder(root / "toy", m.text_encoder, m.unet, m.vae, at::kFloat, 1.0, /*overwrite=*/true);
+  EXPECT_FALSE(fs::exists(root / "toy" / "marker.txt"));
+  EXPECT_EQ(entries(root), std::set<std::string>{"toy"});
+  const auto file = stylealigned::io::SafetensorsFile::open(root / "toy" / "vae" / "diffusion_pytorch_model.safetensors");
+  EXPECT_EQ(file.tensors().front().dtype, stylealigned::io::DType::F32);
+  EXPECT_EQ(sa_test::read_json(root / "toy" / "text_encoder" / "config.json").at("torch_dtype"), "float32");
+
+  // A file in the way is refused.
+  { std::ofstream(root / "file") << "x"; }
+  EXPECT_THROW(toy::export_model_folder(root / "file", m.text_encoder, m.unet, m.vae), stylealigned::Error);
+  EXPECT_THROW(toy::export_model_folder(root / "other", m.text_encoder, m.unet, m.vae, at::kInt), stylealigned::Error);
+  EXPECT_FALSE(fs::exists(root / "other"));
+}
+
+TEST(toy_export, failure_midway_leaves_nothing_behind) {
+  const fs::path root = sa_test::scratch_dir("toy_model") / "failure";
+  fs::remove_all(root);
+  fs::create_directories(root);
+  ToyModels m = random_models();
+
+  // A UNet of another architecture fails after the tokenizer and text encoder are written: no folder, no temporary
+  // folder, and the parents the export created are gone again.
+  models::UNetConfig other = toy::unet_config();
+  other.block_out_channels = {32, 64, 64};
+  const auto wrong_unet = models::UNet2DConditionModel::from_config(other);
+  const fs::path nested = root / "made" / "by" / "export" / "toy";
+  try {
+    toy::export_model_folder(nested, m.text_encoder, wrong_unet, m.vae);
+    ADD_FAILURE() << "export of a UNet with the wrong architecture did not throw";
+  } catch (const stylealigned::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unet"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("conv_in.weight"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(entries(root).empty());
+
+  // The same failure over an existing folder with overwrite leaves the old folder untouched.
+  fs::create_directories(root / "toy");
+  { std::ofstream(root / "toy" / "old.txt") << "old"; }
+  EXPECT_THROW(toy::export_model_folder(root / "toy", m.text_encoder, wrong_unet, m.vae, at::kHalf, 1.0, true),
+               stylealigned::Error);
+  EXPECT_EQ(entries(root), std::set<std::string>{"toy"});
+  EXPECT_EQ(entries(root / "toy"), std::set<std::string>{"old.txt"});
+
+  // A parent that is a file: refused, nothing created.
+  { std::ofstream(root / "blocker") << "x"; }
+  EXPECT_THROW(toy::export_model_folder(root / "blocker" / "toy", m.text_encoder, m.unet, m.vae), stylealigned::Error);
+  EXPECT_EQ(entries(root), (std::set<std::string>{"blocker", "toy"}));
+
+  // Weights that overflow fp16 are refused by name.
+  {
+    at::NoGradGuard no_grad;
+    m.vae->named_parameters()["decoder.conv_out.bias"].fill_(1e6);
+  }
+  try {
+    toy::export_model_folder(root / "overflow", m.text_encoder, m.unet, m.vae);
+    ADD_FAILURE() << "fp16 overflow not detected";
+  } catch (const stylealigned::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("decoder.conv_out.bias"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(root / "overflow"));
+  EXPECT_EQ(entries(root), (std::set<std::string>{"blocker", "toy"}));
+}
