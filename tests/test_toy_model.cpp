@@ -444,3 +444,47 @@ TEST(toy_export, failure_midway_leaves_nothing_behind) {
   EXPECT_FALSE(fs::exists(root / "overflow"));
   EXPECT_EQ(entries(root), (std::set<std::string>{"blocker", "toy"}));
 }
+
+TEST(toy_export, models_of_other_configs_export_with_their_configs) {
+  const fs::path root = sa_test::scratch_dir("toy_model") / "custom";
+  fs::remove_all(root);
+  fs::create_directories(root);
+  ToyModels m = random_models();
+
+  // A trainer's smaller UNet, exported with its own config, loads and runs.
+  json small = json::parse(toy::unet_config_json());
+  small["block_out_channels"] = {32, 32, 32};
+  small["attention_head_dim"] = {1, 1, 1};
+  const auto small_unet = models::UNet2DConditionModel::from_config(models::UNetConfig::from_json(small.dump()));
+  toy::ExportOptions options;
+  options.unet_config_json = small.dump();
+  options.vae_scaling_factor = 0.5;
+  toy::export_model_folder(root / "small", m.text_encoder, small_unet, m.vae, options);
+  EXPECT_EQ(sa_test::read_json(root / "small" / "unet" / "config.json").at("block_out_channels"),
+            json({32, 32, 32}));
+  EXPECT_EQ(sa_test::read_json(root / "small" / "vae" / "config.json").at("scaling_factor").get<double>(), 0.5);
+  EXPECT_EQ(sa_test::read_json(root / "small" / "text_encoder" / "config.json").at("torch_dtype"), "float16");
+  auto pipe = stylealigned::Pipeline::load(root / "small");
+  stylealigned::GenerationRequest req;
+  req.prompts = {"a cross, neon"};
+  req.steps = 1;
+  const auto r = pipe.generate(req);
+  EXPECT_EQ(r.images.sizes(), (c10::IntArrayRef{1, 3, 64, 64}));
+  EXPECT_TRUE(at::isfinite(r.images).all().item<bool>());
+
+  // The default config with that model, or a UNet whose cross-attention does not match the text encoder, is refused.
+  EXPECT_THROW(toy::export_model_folder(root / "mismatch", m.text_encoder, small_unet, m.vae), stylealigned::Error);
+  json narrow = json::parse(toy::unet_config_json());
+  narrow["cross_attention_dim"] = 64;
+  toy::ExportOptions bad;
+  bad.unet_config_json = narrow.dump();
+  try {
+    toy::export_model_folder(root / "narrow", m.text_encoder,
+                             models::UNet2DConditionModel::from_config(models::UNetConfig::from_json(narrow.dump())),
+                             m.vae, bad);
+    ADD_FAILURE() << "a UNet with cross_attention_dim 64 next to a 128-wide text encoder was exported";
+  } catch (const stylealigned::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cross_attention_dim"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(entries(root), std::set<std::string>{"small"});
+}

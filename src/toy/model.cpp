@@ -1,4 +1,5 @@
-// The embedded toy model: its configs (the one definition of its architecture) and the diffusers-folder export.
+// The embedded toy model: its configs (the one definition of its architecture) and the diffusers-folder export
+// (which also takes a trainer's own configs, see ExportOptions).
 //
 // Size budget: all weights at most 12 MB in fp16 (issue 8), i.e. about 6M parameters in all. The text encoder
 // (~0.9M) is the issue's; the VAE and UNet are as wide as the rest of the budget allows with ~20% headroom:
@@ -132,9 +133,9 @@ void write_weights(const fs::path& file, const torch::nn::Module& model, const t
   const models::LoadReport report = models::check_weights(from_config, io::Checkpoint::open(file));
   if (!report.ok()) {
     std::string message = fmt::format(
-        "toy export: the {} does not have the toy model's architecture (toy::{}_config()); {} tensors missing, {} "
-        "unexpected, {} mis-shaped:",
-        component, component, report.missing.size(), report.unexpected.size(), report.mismatched.size());
+        "toy export: the {} does not have the architecture of its config.json; {} tensors missing, {} unexpected, {} "
+        "mis-shaped:",
+        component, report.missing.size(), report.unexpected.size(), report.mismatched.size());
     size_t listed = 0;
     for (const auto* list : {&report.missing, &report.unexpected, &report.mismatched}) {
       for (const auto& item : *list) {
@@ -142,6 +143,36 @@ void write_weights(const fs::path& file, const torch::nn::Module& model, const t
       }
     }
     throw Error(message);
+  }
+}
+
+json parse_object(const std::string& text, std::string_view what) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(fmt::format("toy export: {} is not valid JSON ({})", what, e.what()));
+  }
+  if (!j.is_object()) throw Error(fmt::format("toy export: {} is not a JSON object", what));
+  return j;
+}
+
+// What the pipeline needs across components, which no single weights check sees.
+void check_consistent(const models::CLIPTextConfig& te, const models::UNetConfig& unet, const models::VAEConfig& vae) {
+  if (te.vocab_size < tokenizer_vocab_size()) {
+    throw Error(fmt::format("toy export: text encoder vocab_size {} is smaller than the toy tokenizer's {}",
+                            te.vocab_size, tokenizer_vocab_size()));
+  }
+  const models::UNetConfig u = unet.normalized();
+  for (int64_t d : u.cross_attention_dim) {
+    if (d != te.hidden_size) {
+      throw Error(fmt::format("toy export: unet cross_attention_dim {} != the text encoder's hidden_size {}", d,
+                              te.hidden_size));
+    }
+  }
+  if (u.in_channels != vae.latent_channels || u.out_channels != vae.latent_channels) {
+    throw Error(fmt::format("toy export: unet in/out_channels {}/{} != the VAE's latent_channels {}", u.in_channels,
+                            u.out_channels, vae.latent_channels));
   }
 }
 
@@ -313,11 +344,33 @@ models::VAEConfig vae_config(double scaling_factor) {
 void export_model_folder(const fs::path& dir, models::CLIPTextModel text_encoder, models::UNet2DConditionModel unet,
                          models::AutoencoderKL vae, at::ScalarType file_dtype, double vae_scaling_factor,
                          bool overwrite) {
-  const char* torch_dtype = torch_dtype_name(file_dtype);
-  const std::string vae_json = vae_config_json(vae_scaling_factor);  // validates the factor before any writing
+  ExportOptions options;
+  options.file_dtype = file_dtype;
+  options.vae_scaling_factor = vae_scaling_factor;
+  options.overwrite = overwrite;
+  export_model_folder(dir, std::move(text_encoder), std::move(unet), std::move(vae), options);
+}
+
+void export_model_folder(const fs::path& dir, models::CLIPTextModel text_encoder, models::UNet2DConditionModel unet,
+                         models::AutoencoderKL vae, const ExportOptions& options) {
+  // Everything that can be checked before writing is checked first.
+  const char* torch_dtype = torch_dtype_name(options.file_dtype);
+  const at::ScalarType file_dtype = options.file_dtype;
   if (text_encoder.is_empty() || unet.is_empty() || vae.is_empty()) {
     throw Error(fmt::format("{}: toy export needs all three models (a holder is empty)", dir.string()));
   }
+  json te_json = options.text_encoder_config_json.empty()
+                     ? text_encoder_json(torch_dtype)
+                     : parse_object(options.text_encoder_config_json, "ExportOptions::text_encoder_config_json");
+  te_json["torch_dtype"] = torch_dtype;
+  const std::string unet_json = options.unet_config_json.empty() ? unet_config_json() : options.unet_config_json;
+  const std::string toy_vae_json = vae_config_json(options.vae_scaling_factor);  // validates the factor
+  json vae_j = options.vae_config_json.empty()
+                   ? parse_object(toy_vae_json, "vae_config_json()")
+                   : parse_object(options.vae_config_json, "ExportOptions::vae_config_json");
+  vae_j["scaling_factor"] = options.vae_scaling_factor;
+  const models::UNetConfig unet_cfg = models::UNetConfig::from_json(unet_json, "toy export: unet config");
+  const models::VAEConfig vae_cfg = models::VAEConfig::from_json(vae_j.dump(), "toy export: vae config");
 
   fs::path target = fs::absolute(dir).lexically_normal();
   if (target.filename().empty()) target = target.parent_path();  // "models/toy/"
@@ -327,7 +380,7 @@ void export_model_folder(const fs::path& dir, models::CLIPTextModel text_encoder
   const bool existed = fs::exists(target, ec);
   if (existed) {
     if (!fs::is_directory(target, ec)) throw Error(fmt::format("{}: exists and is not a folder", target.string()));
-    if (!fs::is_empty(target, ec) && !overwrite) {
+    if (!fs::is_empty(target, ec) && !options.overwrite) {
       throw Error(fmt::format("{}: exists and is not empty; refusing to overwrite it (pass overwrite = true to "
                               "replace it)",
                               target.string()));
@@ -359,21 +412,25 @@ void export_model_folder(const fs::path& dir, models::CLIPTextModel text_encoder
     write_text(temp / "scheduler" / "scheduler_config.json", scheduler_config_json());
     write_tokenizer_folder(temp / "tokenizer");
 
+    // Each config is written first and read back by the loader's own parser; the weights are checked against a
+    // module built from it.
     make_dir(temp / "text_encoder");
-    write_text(temp / "text_encoder" / "config.json", dump(text_encoder_json(torch_dtype)));
+    write_text(temp / "text_encoder" / "config.json", dump(te_json));
+    const models::CLIPTextConfig te_cfg = models::CLIPTextConfig::from_file(temp / "text_encoder" / "config.json");
+    check_consistent(te_cfg, unet_cfg, vae_cfg);
     {
-      const auto reference = std::make_shared<models::CLIPTextModelImpl>(text_encoder_config(), /*initialize=*/false);
+      const auto reference = std::make_shared<models::CLIPTextModelImpl>(te_cfg, /*initialize=*/false);
       write_weights(temp / "text_encoder" / "model.safetensors", *text_encoder, *reference, file_dtype,
                     "text_encoder");
     }
     make_dir(temp / "unet");
-    write_text(temp / "unet" / "config.json", unet_config_json());
+    write_text(temp / "unet" / "config.json", unet_json.back() == '\n' ? unet_json : unet_json + "\n");
     write_weights(temp / "unet" / "diffusion_pytorch_model.safetensors", *unet,
-                  *models::UNet2DConditionModel::from_config(unet_config()), file_dtype, "unet");
+                  *models::UNet2DConditionModel::from_config(unet_cfg), file_dtype, "unet");
     make_dir(temp / "vae");
-    write_text(temp / "vae" / "config.json", vae_json);
+    write_text(temp / "vae" / "config.json", dump(vae_j));
     write_weights(temp / "vae" / "diffusion_pytorch_model.safetensors", *vae,
-                  *models::AutoencoderKL::from_config(vae_config(vae_scaling_factor)), file_dtype, "vae");
+                  *models::AutoencoderKL::from_config(vae_cfg), file_dtype, "vae");
 
     // Into place. POSIX rename replaces an empty folder; a non-empty one (overwrite) is first moved aside, and
     // moved back if the new folder cannot take its place.
@@ -381,8 +438,9 @@ void export_model_folder(const fs::path& dir, models::CLIPTextModel text_encoder
       const fs::path old = make_temp_dir(parent, "." + name + ".old-");
       fs::rename(target, old, ec);
       if (ec) {
+        const std::string why = ec.message();
         fs::remove(old, ec);
-        throw Error(fmt::format("{}: cannot move the existing folder aside ({})", target.string(), ec.message()));
+        throw Error(fmt::format("{}: cannot move the existing folder aside ({})", target.string(), why));
       }
       fs::rename(temp, target, ec);
       if (ec) {

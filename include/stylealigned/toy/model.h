@@ -78,16 +78,37 @@ models::VAEConfig vae_config(double scaling_factor = 1.0);
 
 // Export --------------------------------------------------------------------------------------------------------------
 
+/// How export_model_folder writes a folder.
+struct ExportOptions {
+  /// dtype of the weight files: kHalf (the shipped model), kBFloat16 or kFloat. Loaders convert to fp32.
+  at::ScalarType file_dtype = at::kHalf;
+  /// The VAE config's scaling_factor (1 / std of the training latents, measured by the trainer).
+  double vae_scaling_factor = 1.0;
+  /// Replace an existing non-empty folder (as a whole; the old one is removed only once the new one is in place).
+  bool overwrite = false;
+  /// config.json texts of models built from other configs than the toy's (a trainer's experiments); empty: the
+  /// toy configs above. The text encoder's torch_dtype and the VAE's scaling_factor are set from the fields above.
+  std::string text_encoder_config_json;
+  std::string unet_config_json;
+  std::string vae_config_json;
+};
+
 /// Writes a complete diffusers StableDiffusionPipeline folder at `dir`: model_index.json, scheduler/, tokenizer/,
 /// text_encoder/ (config.json, model.safetensors), unet/ and vae/ (config.json,
 /// diffusion_pytorch_model.safetensors). Weights are the modules' parameters and persistent buffers under their
-/// module paths (the names the loaders read), converted to `file_dtype` (kHalf, kBFloat16 or kFloat); configs
-/// are the ones above (each model's config must equal it: a trained model of another shape is refused by name).
+/// module paths (the names the loaders read), converted to the file dtype; a value that does not fit it (fp16
+/// overflow) is an error naming the tensor. Each weights file is checked against a module built from the config
+/// written beside it, as the loader will build it, so a model of another architecture than its config is refused,
+/// naming the tensors at fault; so are a text encoder whose vocabulary is smaller than the tokenizer's and a UNet
+/// whose channels or cross-attention size do not match the VAE and text encoder.
 ///
 /// Atomic: the folder is built next to `dir` under a temporary name and renamed into place, so `dir` is either
-/// absent/untouched or complete; on failure the temporary folder is removed. An existing `dir` that is not empty is
-/// refused unless `overwrite` (then it is replaced as a whole, the old folder being removed only after the new one
-/// is complete). Throws stylealigned::Error naming the path or tensor at fault.
+/// untouched or complete; on failure the temporary folder (and any parent folder the export created) is removed.
+/// An existing `dir` that is not empty is refused unless `overwrite`. Throws stylealigned::Error naming the path,
+/// key or tensor at fault.
+void export_model_folder(const std::filesystem::path& dir, models::CLIPTextModel text_encoder,
+                         models::UNet2DConditionModel unet, models::AutoencoderKL vae, const ExportOptions& options);
+/// export_model_folder with the toy configs and the given dtype, scaling factor and overwrite flag.
 void export_model_folder(const std::filesystem::path& dir, models::CLIPTextModel text_encoder,
                          models::UNet2DConditionModel unet, models::AutoencoderKL vae,
                          at::ScalarType file_dtype = at::kHalf, double vae_scaling_factor = 1.0,
