@@ -71,8 +71,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "CPU threads for libtorch and OpenBLAS (default: all cores)");
 
   train::VaeStageOptions vae;
-  vae.common.lr = 1e-3;
-  vae.common.batch_size = 16;
+  vae.common.lr = 5e-4;
+  vae.common.batch_size = 8;
+  vae.common.warmup_steps = 100;
   std::string vae_config_file;
   auto* vae_cmd = app.add_subcommand("vae", "Stage 1: train the AutoencoderKL on freshly rendered world images; at "
                                             "the end measure the latent std and report scaling_factor = 1/std");

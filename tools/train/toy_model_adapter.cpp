@@ -1,4 +1,6 @@
 // STAND-IN definitions of the toy-model API (see toy_model_adapter.h); delete once stylealigned/toy/model.h lands.
+// The architectures mirror the toymodel branch's work in progress (VAE 32/64/64, UNet 64/80/80 with 2 heads,
+// text encoder 128 x 4 layers), so runs started with the stand-in train the shipped shapes.
 #include "toy_model_adapter.h"
 
 #include <ATen/ATen.h>
@@ -166,14 +168,14 @@ std::string unet_config_json() {
               {"sample_size", 16},
               {"in_channels", 4},
               {"out_channels", 4},
-              {"down_block_types", {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"}},
+              {"down_block_types", {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"}},
               {"mid_block_type", "UNetMidBlock2DCrossAttn"},
-              {"up_block_types", {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"}},
-              {"block_out_channels", {64, 128, 192}},
+              {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"}},
+              {"block_out_channels", {64, 80, 80}},
               {"layers_per_block", 1},
               {"cross_attention_dim", 128},
-              {"attention_head_dim", 4},
-              {"norm_num_groups", 32},
+              {"attention_head_dim", {2, 2, 2}},
+              {"norm_num_groups", 16},
               {"act_fn", "silu"},
               {"flip_sin_to_cos", true},
               {"freq_shift", 0}}
@@ -187,13 +189,13 @@ std::string vae_config_json(double scaling_factor) {
               {"latent_channels", 4},
               {"down_block_types", {"DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"}},
               {"up_block_types", {"UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"}},
-              {"block_out_channels", {32, 64, 128}},
+              {"block_out_channels", {32, 64, 64}},
               {"layers_per_block", 1},
-              {"norm_num_groups", 32},
+              {"norm_num_groups", 16},
               {"act_fn", "silu"},
               {"sample_size", 64},
               {"scaling_factor", scaling_factor},
-              {"force_upcast", false}}
+              {"force_upcast", true}}
       .dump(2);
 }
 

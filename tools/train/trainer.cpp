@@ -284,6 +284,7 @@ void write_summary(const CommonOptions& o, const std::string& stage, const Stage
             {"val_loss", r.val_loss >= 0 ? json(r.val_loss) : json(nullptr)},
             {"images_per_second", r.images_per_second},
             {"seconds", r.seconds},
+            {"data_seconds", r.data_seconds},
             {"stopped_by_time", r.stopped_by_time},
             {"batch_size", o.batch_size},
             {"threads", at::get_num_threads()},
@@ -348,7 +349,7 @@ StageResult train_vae(const VaeStageOptions& options) {
   auto vae = models::AutoencoderKL::from_config(config);
   int64_t start_step = 0;
   double prior_seconds = 0.0;
-  json previous_stats;
+  json previous_stats = json::object();
   if (resumed) {
     load_module(*vae, *resumed, "vae.");
     start_step = resumed->meta.at("step").get<int64_t>();
@@ -377,13 +378,16 @@ StageResult train_vae(const VaeStageOptions& options) {
     write_checkpoint(o.run_dir / "checkpoint.safetensors", tensors, meta);
   };
 
+  double data_seconds = 0.0;
   StageHooks hooks;
   hooks.name = "vae";
   hooks.train_columns = {"recon", "kl"};
   hooks.step = [&](int64_t step, double lr) {
     const int64_t data_step = o.fixed_batch ? 1 : step;
+    const auto td = Clock::now();
     const at::Tensor x = render_batch(o.seed, Stream::train, data_step, 0, o.batch_size, o.image_size, false)
                              .images.to(device);
+    data_seconds += seconds_since(td);
     auto gen = generator_for(o.seed, Stream::noise, data_step);
     const auto posterior = vae->encode(x);
     const at::Tensor eps = at::randn(posterior.mean.sizes(), gen, at::kFloat).to(device);
@@ -414,6 +418,7 @@ StageResult train_vae(const VaeStageOptions& options) {
   hooks.save = save;
 
   StageResult r = run_loop(o, start_step, prior_seconds, hooks);
+  r.data_seconds = data_seconds;
 
   // Latent statistics of the final weights: the scaling_factor that gives the UNet unit-variance latents.
   if (options.stat_images > 0 && (r.last_step > start_step || !previous_stats.contains("scaling_factor"))) {
@@ -611,14 +616,17 @@ StageResult train_unet(const UnetStageOptions& options) {
     write_checkpoint(o.run_dir / "checkpoint.safetensors", tensors, meta);
   };
 
+  double data_seconds = 0.0;
   StageHooks hooks;
   hooks.name = "unet";
   if (ema) hooks.val_columns = {"val_loss_ema"};
   hooks.step = [&](int64_t step, double lr) {
     const int64_t data_step = o.fixed_batch ? 1 : step;
+    const auto td = Clock::now();
     Batch batch = render_batch(o.seed, Stream::train, data_step, 0, o.batch_size, o.image_size, true);
     auto gen = generator_for(o.seed, Stream::noise, data_step);
     const at::Tensor latents = encode_latents(batch.images.to(device), &gen);
+    data_seconds += seconds_since(td);
     const at::Tensor t = at::randint(0, num_timesteps, {o.batch_size}, gen, at::kLong).to(device);
     const at::Tensor noise = at::randn(latents.sizes(), gen, at::kFloat).to(device);
     const at::Tensor drop = at::rand({o.batch_size}, gen, at::kDouble);
@@ -660,6 +668,7 @@ StageResult train_unet(const UnetStageOptions& options) {
   hooks.save = save;
 
   StageResult r = run_loop(o, start_step, prior_seconds, hooks);
+  r.data_seconds = data_seconds;
   if (r.last_step > start_step) save(r.last_step, prior_seconds + r.seconds);
   write_summary(o, "unet", r,
                 {{"scaling_factor", scaling},

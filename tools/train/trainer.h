@@ -82,6 +82,7 @@ struct StageResult {
   double val_loss = -1.0;      ///< at the end (< 0: none)
   double images_per_second = 0.0;  ///< training throughput (steady state, validation excluded)
   double seconds = 0.0;            ///< wall time of this invocation
+  double data_seconds = 0.0;       ///< part of the training steps spent rendering images (and encoding latents)
   bool stopped_by_time = false;    ///< the --minutes budget or a signal ended it
   double latent_mean = 0.0, latent_std = 0.0, scaling_factor = 0.0;  ///< vae stage (stat_images > 0)
 };
