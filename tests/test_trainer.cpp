@@ -171,6 +171,17 @@ TEST(trainer_vae, resume_continues_like_an_uninterrupted_run) {
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 5);
 }
 
+TEST(trainer_vae, a_time_budget_ends_the_run_with_a_checkpoint) {
+  auto options = tiny_vae(fresh_dir("vae_minutes"), 0);
+  options.common.minutes = 0.5 / 60.0;  // half a second, no step limit
+  const train::StageResult r = train::train_vae(options);
+  EXPECT_TRUE(r.stopped_by_time);
+  EXPECT_GE(r.losses.size(), 1u);
+  const auto ckpt = train::read_checkpoint(train::checkpoint_path(options.common.run_dir));
+  EXPECT_EQ(ckpt.meta.at("step").get<int64_t>(), r.last_step);
+  EXPECT_GT(r.val_loss, 0.0);  // validated at the end
+}
+
 TEST(trainer_unet, overfits_a_fixed_batch) {
   auto options = tiny_unet(fresh_dir("unet_overfit"), 40);
   options.common.fixed_batch = true;
@@ -212,21 +223,12 @@ TEST(trainer_unet, resume_continues_like_an_uninterrupted_run) {
 }
 
 TEST(trainer_export, writes_a_folder_the_loaders_read) {
-  // The real toy configs (export writes them), one step each at batch 1.
+  // Tiny configs: export writes the checkpoints' own configs beside the weights.
   auto vae_options = tiny_vae(fresh_dir("export_vae"), 1);
-  vae_options.vae_config_json.clear();
-  vae_options.common.image_size = 64;
-  vae_options.common.batch_size = 1;
-  vae_options.common.val_size = 1;
   vae_options.stat_images = 2;
   const auto vae_result = train::train_vae(vae_options);
-  auto unet_options = tiny_unet(fresh_dir("export_unet"), 1);
+  auto unet_options = tiny_unet(fresh_dir("export_unet"), 2);
   unet_options.vae_checkpoint = vae_options.common.run_dir;
-  unet_options.unet_config_json.clear();
-  unet_options.text_encoder_config_json.clear();
-  unet_options.common.image_size = 64;
-  unet_options.common.batch_size = 1;
-  unet_options.common.val_size = 1;
   train::train_unet(unet_options);
 
   const fs::path out = fresh_dir("export_model");
@@ -239,6 +241,7 @@ TEST(trainer_export, writes_a_folder_the_loaders_read) {
   auto tok = models::ClipTokenizer::from_folder(out / "tokenizer");
   EXPECT_NEAR(vae->config().scaling_factor, vae_result.scaling_factor, 1e-6 * vae_result.scaling_factor);
   EXPECT_EQ(te->config().vocab_size, tok.vocab_size());
+  EXPECT_EQ(unet->config().block_out_channels, (std::vector<int64_t>{16, 32}));
   // The exported UNet is the EMA one, rounded to fp16.
   const auto ckpt = train::read_checkpoint(train::checkpoint_path(unet_options.common.run_dir));
   for (const auto& p : unet->named_parameters()) {

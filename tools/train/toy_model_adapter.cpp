@@ -226,9 +226,10 @@ std::string model_index_json() {
       .dump(2);
 }
 
-void export_model_folder(const fs::path& dir, models::CLIPTextModel te, models::UNet2DConditionModel unet,
-                         models::AutoencoderKL vae, at::ScalarType file_dtype, double vae_scaling_factor,
-                         bool overwrite) {
+namespace {
+void write_folder(const fs::path& dir, models::CLIPTextModel te, models::UNet2DConditionModel unet,
+                  models::AutoencoderKL vae, const std::string& te_json, const std::string& unet_json,
+                  const std::string& vae_json, at::ScalarType file_dtype, bool overwrite) {
   if (fs::exists(dir) && !fs::is_empty(dir)) {
     if (!overwrite) throw Error(fmt::format("export: {} exists and is not empty (pass overwrite)", dir.string()));
     fs::remove_all(dir);
@@ -239,14 +240,36 @@ void export_model_folder(const fs::path& dir, models::CLIPTextModel te, models::
   write_text(dir / "scheduler" / "scheduler_config.json", scheduler_config_json());
   write_tokenizer_folder(dir / "tokenizer");
   fs::create_directories(dir / "text_encoder");
-  write_text(dir / "text_encoder" / "config.json", text_encoder_config_json());
+  write_text(dir / "text_encoder" / "config.json", te_json);
   io::save_safetensors(dir / "text_encoder" / "model.safetensors", weights_of(*te, file_dtype));
   fs::create_directories(dir / "unet");
-  write_text(dir / "unet" / "config.json", unet_config_json());
+  write_text(dir / "unet" / "config.json", unet_json);
   io::save_safetensors(dir / "unet" / "diffusion_pytorch_model.safetensors", weights_of(*unet, file_dtype));
   fs::create_directories(dir / "vae");
-  write_text(dir / "vae" / "config.json", vae_config_json(vae_scaling_factor));
+  write_text(dir / "vae" / "config.json", vae_json);
   io::save_safetensors(dir / "vae" / "diffusion_pytorch_model.safetensors", weights_of(*vae, file_dtype));
+}
+}  // namespace
+
+void export_model_folder(const fs::path& dir, models::CLIPTextModel te, models::UNet2DConditionModel unet,
+                         models::AutoencoderKL vae, at::ScalarType file_dtype, double vae_scaling_factor,
+                         bool overwrite) {
+  write_folder(dir, te, unet, vae, text_encoder_config_json(), unet_config_json(), vae_config_json(vae_scaling_factor),
+               file_dtype, overwrite);
 }
 
 }  // namespace stylealigned::toy
+
+namespace stylealigned::train {
+
+void export_toy_folder(const std::filesystem::path& dir, models::CLIPTextModel te, models::UNet2DConditionModel unet,
+                       models::AutoencoderKL vae, const std::string& text_encoder_config_json,
+                       const std::string& unet_config_json, const std::string& vae_config_json,
+                       at::ScalarType file_dtype, double vae_scaling_factor, bool overwrite) {
+  nlohmann::json vae_config = nlohmann::json::parse(vae_config_json);
+  vae_config["scaling_factor"] = vae_scaling_factor;
+  toy::write_folder(dir, te, unet, vae, text_encoder_config_json, unet_config_json, vae_config.dump(2), file_dtype,
+                    overwrite);
+}
+
+}  // namespace stylealigned::train

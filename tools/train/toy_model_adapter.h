@@ -37,3 +37,15 @@ void export_model_folder(const std::filesystem::path& dir, models::CLIPTextModel
                          double vae_scaling_factor = 1.0, bool overwrite = false);
 
 }  // namespace stylealigned::toy
+
+namespace stylealigned::train {
+
+/// The one call the trainer makes to export (kept beside the stand-in so that adapting to the real API touches this
+/// file only): writes the diffusers folder with the given component configs (the checkpoints' own, which may differ
+/// from the toy defaults in experiments), weights in `file_dtype`, and the VAE's scaling_factor.
+void export_toy_folder(const std::filesystem::path& dir, models::CLIPTextModel te, models::UNet2DConditionModel unet,
+                       models::AutoencoderKL vae, const std::string& text_encoder_config_json,
+                       const std::string& unet_config_json, const std::string& vae_config_json,
+                       at::ScalarType file_dtype, double vae_scaling_factor, bool overwrite);
+
+}  // namespace stylealigned::train

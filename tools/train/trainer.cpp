@@ -715,7 +715,9 @@ void export_model(const ExportOptions& options) {
       models::UNetConfig::from_json(meta.at("unet_config").get<std::string>(), unet_ckpt.path.string()));
   const bool ema = options.use_ema && unet_ckpt.tensors.count("ema.updates") > 0;
   load_module(*unet, unet_ckpt, ema ? "ema.unet." : "unet.");
-  toy::export_model_folder(options.out, te, unet, vae.vae, dtype, scaling, options.overwrite);
+  export_toy_folder(options.out, te, unet, vae.vae, meta.at("text_encoder_config").get<std::string>(),
+                    meta.at("unet_config").get<std::string>(), vae.checkpoint.meta.at("config").get<std::string>(),
+                    dtype, scaling, options.overwrite);
   fmt::print(stderr, "exported {} (unet step {}{}, vae step {}, scaling_factor {:.5f}, {})\n", options.out.string(),
              meta.value("step", int64_t{0}), ema ? " EMA" : "", vae_step, scaling, options.dtype);
 }

@@ -90,7 +90,7 @@ struct StageResult {
 StageResult train_vae(const VaeStageOptions& options);
 StageResult train_unet(const UnetStageOptions& options);
 /// Builds the three models from the checkpoints' configs and weights and writes the diffusers folder through
-/// toy::export_model_folder (scaling_factor from the vae checkpoint).
+/// toy::export_model_folder with those configs (scaling_factor: the one the unet stage trained with).
 void export_model(const ExportOptions& options);
 
 /// `path` itself if it is a file, else `path`/checkpoint.safetensors.
