@@ -85,16 +85,7 @@ void copy_into(const fs::path& from, const fs::path& folder) {
 }
 
 // The golden CLIP folder, assembled in the build tree around the one committed copy of vocab.json / merges.txt.
-fs::path clip_folder() {
-  static const fs::path folder = [] {
-    const fs::path dir = sa_test::tokenizer_folder("eval/models/clip_tiny");
-    for (const char* name : {"config.json", "model.safetensors", "preprocessor_config.json"}) {
-      copy_into(sa_test::fixture(std::string("eval/models/clip_tiny/") + name), dir);
-    }
-    return dir;
-  }();
-  return folder;
-}
+fs::path clip_folder() { return sa_test::assembled_folder("eval/models/clip_tiny"); }
 
 fs::path dino_folder() { return sa_test::fixture("eval/models/dino_tiny"); }
 

@@ -7,8 +7,10 @@
 #include <cstdio>
 #include <fstream>
 
+#include "stylealigned/eval/metrics.h"
 #include "stylealigned/image.h"
 #include "stylealigned/io/safetensors.h"
+#include "stylealigned/toy/world.h"
 #include "support/test_support.h"
 
 namespace fs = std::filesystem;
@@ -139,4 +141,122 @@ TEST(tool, info_lists_layers) {
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("sdxl"), std::string::npos);
   EXPECT_NE(r.output.find("mid_block.attentions.0.transformer_blocks.1.attn1"), std::string::npos);
+}
+
+// `stylealigned eval` ------------------------------------------------------------------------------------------------
+
+namespace {
+
+namespace toy = stylealigned::toy;
+
+// A set folder of rendered toy images: reference a star in `ref_palette`, targets a heart and a circle in
+// `target_palette`, all striped on a plain background without outline; grid.png added as generate writes it.
+fs::path write_toy_set(const fs::path& dir, toy::Palette ref_palette, toy::Palette target_palette) {
+  fs::create_directories(dir);
+  const toy::Object objects[] = {toy::Object::star, toy::Object::heart, toy::Object::circle};
+  std::vector<at::Tensor> images;
+  for (int i = 0; i < 3; ++i) {
+    toy::AttributeConstraints c;
+    c.object = objects[i];
+    c.palette = i == 0 ? ref_palette : target_palette;
+    c.pattern = toy::Pattern::stripes;
+    c.background = toy::Background::plain;
+    c.outline = toy::Outline::none;
+    images.push_back(toy::render(toy::sample_scene(500 + i, c)));
+    stylealigned::image::write_png(dir / (i == 0 ? "00-reference.png" : "0" + std::to_string(i) + ".png"),
+                                   images.back());
+  }
+  stylealigned::image::write_png(dir / "grid.png", stylealigned::image::make_grid(images, 3));
+  return dir;
+}
+
+}  // namespace
+
+TEST(tool, eval_scores_sets_with_the_toy_evaluators_and_clip_dino) {
+  const fs::path root = sa_test::scratch_dir("tool_eval");
+  fs::remove_all(root);
+  const fs::path same = write_toy_set(root / "same", toy::Palette::ocean, toy::Palette::ocean);
+  const fs::path mixed = write_toy_set(root / "mixed", toy::Palette::ocean, toy::Palette::candy);
+  // One set's prompts come from a settings.json as generate writes it, the other's from --prompts.
+  // Its model folder carries the embedded toy model's marker, so eval picks the toy evaluators without --toy.
+  fs::create_directories(root / "toy_model");
+  std::ofstream(root / "toy_model" / "model_index.json") << R"({"_stylealigned_toy_world": 1})";
+  {
+    json settings = {{"command", "generate"},
+                     {"model", (root / "toy_model").string()},
+                     {"prompts", {"a star in striped style", "a heart in striped style", "a circle in striped style"}}};
+    std::ofstream(mixed / "settings.json") << settings.dump();
+  }
+  const fs::path prompts = root / "prompts.txt";
+  std::ofstream(prompts) << "a star in striped style\na heart in striped style\na square in striped style\n";
+  const fs::path out = root / "scores.json";
+
+  // --prompts has one set's worth of lines: it applies to both sets (overriding settings.json).
+  auto r = run_tool("eval --toy --set " + quote(same.string()) + " --set " + quote(mixed.string()) + " --prompts " +
+                   quote(prompts.string()) + " --json " + quote(out.string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("toy style consistency"), std::string::npos) << r.output;
+  json j = sa_test::read_json(out);
+  ASSERT_EQ(j["sets"].size(), 2u);
+  // Same palette everywhere: both targets consistent; the prompt's "square" is not the circle drawn.
+  EXPECT_EQ(j["sets"][0]["toy"]["style_consistent"], json({-1, 1, 1}));
+  EXPECT_EQ(j["sets"][0]["toy"]["object_correct"], json({1, 1, 0}));
+  EXPECT_EQ(j["sets"][1]["toy"]["style_consistent"], json({-1, 0, 0}));
+  EXPECT_EQ(j["sets"][0]["images"], json({"00-reference.png", "01.png", "02.png"})) << "grid.png is no member";
+  EXPECT_DOUBLE_EQ(j["summary"]["toy_style_consistency"]["mean"].get<double>(), 0.5);
+  EXPECT_EQ(j["summary"]["toy_pooled"]["targets_consistent"].get<int>(), 2);
+
+  // An existing --json file is kept without --force.
+  r = run_tool("eval --toy --set " + quote(mixed.string()) + " --json " + quote(out.string()));
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_EQ(sa_test::read_json(out), j);
+  // Without --prompts the mixed set's settings.json gives the prompts (all objects right), and without --toy its
+  // model's marker selects the toy evaluators.
+  r = run_tool("eval --set " + quote(mixed.string()) + " --json -");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(json::parse(r.output)["sets"][0]["toy"]["object_correct"], json({1, 1, 1}));
+
+  // CLIP and DINO (the golden tiny models): the command's scores are the library's.
+  const fs::path clip = sa_test::assembled_folder("eval/models/clip_tiny");
+  const fs::path dino = sa_test::fixture("eval/models/dino_tiny");
+  r = run_tool("eval --set " + quote(mixed.string()) + " --clip " + quote(clip.string()) + " --dino " +
+               quote(dino.string()) + " --json -");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const json scored = json::parse(r.output)["sets"][0];
+  std::vector<at::Tensor> images;
+  for (const char* name : {"00-reference.png", "01.png", "02.png"}) {
+    images.push_back(stylealigned::image::read_rgb(mixed / name));
+  }
+  const auto evaluator = stylealigned::eval::Evaluator::from_folders(clip, dino);
+  const auto expected = evaluator.score_set(
+      "mixed", images, {"a star in striped style", "a heart in striped style", "a circle in striped style"});
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_NEAR(scored["text_alignment"][i].get<double>(), expected.text_alignment[i], 1e-6);
+  }
+  EXPECT_NEAR(scored["set_consistency"].get<double>(), expected.set_consistency, 1e-6);
+}
+
+TEST(tool, eval_errors_name_the_culprit) {
+  const fs::path root = sa_test::scratch_dir("tool_eval_errors");
+  fs::remove_all(root);
+  const fs::path set = write_toy_set(root / "set", toy::Palette::earth, toy::Palette::earth);
+  auto r = run_tool("eval --set " + quote(set.string()));
+  EXPECT_EQ(r.code, 2) << r.output;  // nothing to score with
+  EXPECT_NE(r.output.find("--clip"), std::string::npos) << r.output;
+  r = run_tool("eval --toy --set " + quote((root / "missing").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("missing"), std::string::npos) << r.output;
+  r = run_tool("eval --toy --set " + quote(set.string()));  // no settings.json, no --prompts
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("--prompts"), std::string::npos) << r.output;
+  fs::create_directories(root / "single");
+  fs::copy_file(set / "01.png", root / "single" / "01.png");
+  r = run_tool("eval --toy --set " + quote((root / "single").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("single"), std::string::npos) << r.output;
+  std::ofstream(set / "broken.png") << "not a png";
+  std::ofstream(root / "p.txt") << "a star\na heart\na circle\na square\n";
+  r = run_tool("eval --toy --set " + quote(set.string()) + " --prompts " + quote((root / "p.txt").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("broken.png"), std::string::npos) << r.output;
 }

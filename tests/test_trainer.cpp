@@ -114,7 +114,7 @@ TEST(trainer_data, batches_are_a_function_of_seed_step_and_index) {
   EXPECT_EQ(a.images.sizes(), (std::vector<int64_t>{3, 3, 16, 16}));
 }
 
-// STAND-IN check (toy_model_adapter): every caption word is one token, and captions round-trip.
+// The toy tokenizer as the trainer uses it: every caption word is one token, and captions round-trip.
 TEST(trainer_tokenizer, every_caption_word_is_one_token) {
   const fs::path dir = fresh_dir("tokenizer");
   toy::write_tokenizer_folder(dir);

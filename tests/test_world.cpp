@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <iostream>
 #include <map>
 #include <set>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "stylealigned/error.h"
+#include "stylealigned/toy/scoring.h"
 #include "stylealigned/toy/world.h"
 #include "support/test_support.h"
 
@@ -480,4 +482,69 @@ TEST(toy_evaluate, confusion_table_counts) {
   EXPECT_NE(s.find("textured"), std::string::npos);
   EXPECT_NE(s.find("accuracy 0.7500"), std::string::npos);
   expect_error_naming([&] { t.add(2, 0); }, "background");
+}
+
+// Set scoring --------------------------------------------------------------------------------------------------------
+
+// Renders a set: the reference with `ref`, targets that keep the reference's style except where `target_style`
+// says otherwise, each with its own object.
+static std::vector<at::Tensor> render_set(const toy::Attributes& ref, const std::vector<toy::Attributes>& targets) {
+  std::vector<at::Tensor> images{toy::render(toy::sample_scene(100, {ref.object, ref.palette, ref.pattern,
+                                                                    ref.background, ref.outline}))};
+  uint64_t seed = 101;
+  for (const auto& t : targets) {
+    images.push_back(toy::render(toy::sample_scene(seed++, {t.object, t.palette, t.pattern, t.background, t.outline})));
+  }
+  return images;
+}
+
+TEST(toy_scoring, object_accuracy_and_style_consistency_follow_the_truth) {
+  toy::Attributes ref;
+  ref.object = toy::Object::star;
+  ref.palette = toy::Palette::ocean;
+  ref.pattern = toy::Pattern::stripes;
+  ref.background = toy::Background::textured;
+  ref.outline = toy::Outline::outlined;
+  toy::Attributes same_style = ref, other_palette = ref, other_pattern = ref;
+  same_style.object = toy::Object::heart;
+  other_palette.object = toy::Object::circle;
+  other_palette.palette = toy::Palette::candy;
+  other_pattern.object = toy::Object::square;
+  other_pattern.pattern = toy::Pattern::solid;
+  const auto images = render_set(ref, {same_style, other_palette, other_pattern});
+  // Prompts name object and pattern, not the palette: the palette change breaks consistency, the pattern change
+  // does not count (the prompt asked for "solid" there), and the last prompt names a wrong object.
+  const std::vector<std::string> prompts = {"a star in striped style", "a heart in striped style",
+                                            "a circle in striped style", "a triangle in solid style"};
+  const toy::SetReport r = toy::score_set("s", images, prompts);
+  EXPECT_EQ(r.object_correct, (std::vector<int>{1, 1, 1, 0}));
+  EXPECT_EQ(r.objects_named, 4);
+  EXPECT_DOUBLE_EQ(r.object_accuracy(), 0.75);
+  EXPECT_EQ(r.style_consistent, (std::vector<int>{-1, 1, 0, 1}));
+  EXPECT_EQ(r.targets_judged, 3);
+  EXPECT_DOUBLE_EQ(r.style_consistency(), 2.0 / 3.0);
+
+  // A target whose prompt names every style attribute is not judged; with none judged the score is NaN.
+  const toy::SetReport all_named = toy::score_set(
+      "t", {images[0], images[1]},
+      {"a star", "a heart in ocean striped style, outlined, on a textured background"});
+  EXPECT_EQ(all_named.targets_judged, 0);
+  EXPECT_TRUE(std::isnan(all_named.style_consistency()));
+}
+
+TEST(toy_scoring, bad_sets_are_errors_naming_the_set) {
+  const at::Tensor image = toy::render(toy::sample_scene(7));
+  try {
+    toy::score_set("lonely", {image}, {"a star"});
+    FAIL() << "one image accepted";
+  } catch (const stylealigned::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("lonely"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(toy::score_set("n", {image, image}, {"a star"}), stylealigned::Error);
+  try {
+    toy::score_set("bad", {image, at::zeros({5, 5}, at::kByte)}, {"a star", "a star"});
+    FAIL() << "a 5x5 grey image accepted";
+  } catch (const stylealigned::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("image 1"), std::string::npos) << e.what();
+  }
 }

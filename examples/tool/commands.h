@@ -56,6 +56,19 @@ struct GenerateOptions {
 void add_generate_options(CLI::App& cmd, GenerateOptions& options, bool transfer);
 int run_generate(GenerateOptions options, bool transfer);
 
+struct EvalOptions {
+  std::vector<std::string> sets;
+  std::string clip;
+  std::string dino;
+  bool toy = false;
+  std::string prompts_file;
+  std::string json_out;
+  bool force = false;
+  int64_t batch_size = 16;
+};
+void add_eval_options(CLI::App& cmd, EvalOptions& options);
+int run_eval(const EvalOptions& options);
+
 struct InfoOptions {
   std::string model;
 };

@@ -40,6 +40,12 @@ int main(int argc, char** argv) {
   auto* info_cmd = app.add_subcommand("info", "Describe a model folder: family, sizes, attention layers");
   sa_tool::add_info_options(*info_cmd, info);
 
+  sa_tool::EvalOptions eval;
+  auto* eval_cmd = app.add_subcommand(
+      "eval", "Score sets of images: CLIP text alignment and DINO set consistency as in the paper's Table 2, or the "
+              "toy world's exact evaluators for sets of the embedded model; a table, and JSON with --json");
+  sa_tool::add_eval_options(*eval_cmd, eval);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -51,6 +57,7 @@ int main(int argc, char** argv) {
     if (gen_cmd->parsed()) return sa_tool::run_generate(gen, false);
     if (transfer_cmd->parsed()) return sa_tool::run_generate(transfer, true);
     if (info_cmd->parsed()) return sa_tool::run_info(info);
+    if (eval_cmd->parsed()) return sa_tool::run_eval(eval);
   } catch (const sa_tool::UsageError& e) {
     fmt::print(stderr, "stylealigned: usage error: {}\n", e.what());
     return 2;

@@ -298,10 +298,16 @@ std::string scheduler_config_json() {
   return dump(j);
 }
 
+// Version of the toy world the model was made for (bump when world.h changes what an image shows).
+constexpr int kToyWorldVersion = 1;
+
 std::string model_index_json() {
   const json none = {nullptr, nullptr};
   const json j = {{"_class_name", "StableDiffusionPipeline"},
                   {"_diffusers_version", kDiffusersVersion},
+                  // Marks the embedded toy model, so `stylealigned eval` scores its sets with the world's evaluators.
+                  // A leading underscore: diffusers ignores such keys when it loads the folder.
+                  {"_stylealigned_toy_world", kToyWorldVersion},
                   {"feature_extractor", none},
                   {"image_encoder", none},
                   {"requires_safety_checker", false},

@@ -54,9 +54,10 @@ std::filesystem::path tokenizer_folder(const std::string& relative) {
   return folder;
 }
 
-std::filesystem::path model_folder(const std::string& model) {
+std::filesystem::path model_folder(const std::string& model) { return assembled_folder("models/" + model); }
+
+std::filesystem::path assembled_folder(const std::string& rel) {
   namespace fs = std::filesystem;
-  const std::string rel = "models/" + model;
   fs::path folder = scratch_dir("model_folders") / rel;
   // Every file of the model, from the committed copies first, then the shared golden folder; linked, not copied.
   std::set<fs::path> files;
@@ -67,6 +68,13 @@ std::filesystem::path model_folder(const std::string& model) {
     }
   }
   if (files.empty()) throw std::runtime_error("no model fixture " + rel);
+  // A tokenizer folder gets the one committed vocabulary even where no golden folder holds it.
+  for (const auto& f : std::set<fs::path>(files)) {
+    if (f.filename() == "tokenizer_config.json") {
+      files.insert(f.parent_path() / "vocab.json");
+      files.insert(f.parent_path() / "merges.txt");
+    }
+  }
   for (const auto& f : files) {
     const auto name = f.filename().string();
     const bool vocab = name == "vocab.json" || name == "merges.txt";

@@ -31,6 +31,9 @@ std::filesystem::path tokenizer_folder(const std::string& relative);
 /// committed copies under tests/data/golden first, else the shared golden folder; vocab.json and merges.txt always
 /// from the one copy in tests/data/clip.
 std::filesystem::path model_folder(const std::string& model);
+/// The same for any golden folder below the golden root, e.g. "eval/models/clip_tiny" (a CLIP folder with its
+/// tokenizer files).
+std::filesystem::path assembled_folder(const std::string& relative);
 
 /// Element-wise |actual - expected| <= atol + rtol * |expected| (NaN never passes; shapes must match).
 ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected, double atol,
