@@ -63,6 +63,19 @@ std::vector<double> loadavg() {
   return out;
 }
 
+// Process CPU time (user, system) and minor page faults so far: under a loaded machine CPU time shows the work
+// better than wall time, and system time + page faults show what fresh large allocations cost.
+struct Usage {
+  double user = 0.0, system = 0.0, minor_faults = 0.0;
+  static Usage now() {
+    rusage r{};
+    getrusage(RUSAGE_SELF, &r);
+    auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + 1e-6 * static_cast<double>(t.tv_usec); };
+    return {sec(r.ru_utime), sec(r.ru_stime), static_cast<double>(r.ru_minflt)};
+  }
+  Usage operator-(const Usage& o) const { return {user - o.user, system - o.system, minor_faults - o.minor_faults}; }
+};
+
 double peak_rss_mb() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
@@ -432,6 +445,7 @@ struct Options {
   bool no_style_align = false;
   bool no_split = false;
   bool count_only = false;
+  bool compare_vanilla = false;
   int64_t text_tokens = 77;
   double timestep = 500.0;
   uint64_t seed = 0;
@@ -490,6 +504,71 @@ void print(const Json& j) {
   std::cout.flush();
 }
 
+// One forward with the per-op bookkeeping on; returns the split of its wall time.
+template <class Forward>
+Json split_pass(Forward&& forward, const FlopCount& flops, double gemm_rate) {
+  g_split = SplitState{true, g_split.cuda};
+  const at::CallbackHandle handle =
+      at::addGlobalCallback(at::RecordFunctionCallback(&on_op_start, &on_op_end).scopes({at::RecordScope::FUNCTION}));
+  const auto t0 = Clock::now();
+  forward();
+  const double total = seconds_since(t0);
+  at::removeCallback(handle);
+  g_split.active = false;
+  if (tl_depth != 0) sa::warn(fmt::format("split pass: unbalanced op callbacks (depth {})", tl_depth));
+
+  double by_class[4] = {0.0, 0.0, 0.0, 0.0};
+  std::vector<std::pair<double, std::string>> rest_ops;
+  double in_ops = 0.0;
+  for (const auto& [op, s] : g_split.ops) {
+    const OpClass k = classify(op);
+    by_class[static_cast<int>(k)] += s;
+    in_ops += s;
+    if (k == OpClass::other) rest_ops.emplace_back(s, op);
+  }
+  std::sort(rest_ops.rbegin(), rest_ops.rend());
+  const double attention = g_split.attention_self + g_split.attention_cross;
+  const double norm = by_class[static_cast<int>(OpClass::normalisation)] + g_split.norm_hook;
+  const double conv = by_class[static_cast<int>(OpClass::convolution)];
+  const double lin = by_class[static_cast<int>(OpClass::linear)];
+  const double rest = total - attention - norm - conv - lin;
+  auto rate = [](double flop, double s) { return s > 0 ? flop / s / 1e9 : 0.0; };
+  const double conv_rate = rate(flops.flops(FlopCount::Op::conv), conv);
+  const double lin_rate = rate(flops.flops(FlopCount::Op::linear), lin);
+  const double attn_rate = rate(flops.flops(FlopCount::Op::attention), attention);
+
+  Json split;
+  split["seconds"] = total;
+  split["convolution"] = conv;
+  split["linear"] = lin;
+  split["attention_core"] = attention;
+  split["normalisation"] = norm;
+  split["rest"] = rest;
+  split["attention_self"] = g_split.attention_self;
+  split["attention_cross"] = g_split.attention_cross;
+  split["fraction"] = {{"convolution", conv / total},
+                       {"linear", lin / total},
+                       {"attention_core", attention / total},
+                       {"normalisation", norm / total},
+                       {"rest", rest / total}};
+  split["gflops"] = {{"convolution", conv_rate}, {"linear", lin_rate}, {"attention_core", attn_rate}};
+  split["efficiency"] = {{"convolution", conv_rate / gemm_rate},
+                         {"linear", lin_rate / gemm_rate},
+                         {"attention_core", attn_rate / gemm_rate}};
+  Json top = Json::array();
+  for (size_t i = 0; i < rest_ops.size() && i < 8; ++i) {
+    top.push_back({{"op", rest_ops[i].second},
+                   {"seconds", rest_ops[i].first},
+                   {"calls", g_split.op_calls[rest_ops[i].second]}});
+  }
+  split["rest_top_ops"] = top;
+  split["rest_outside_ops"] = total - attention - g_split.norm_hook - in_ops;
+  split["method"] =
+      "separate pass: attention processors and the norm hook timed by decorators; other top-level ATen ops on the "
+      "benchmark thread timed with a RecordFunction callback (thread-local depth counter); rest = wall - classified";
+  return split;
+}
+
 int run(const Options& o) {
   // What to build.
   const UNetConfig config = config_for(o);
@@ -510,6 +589,8 @@ int run(const Options& o) {
   const sa::StyleAlignedOptions style_options = sa::StyleAlignedOptions::sdxl_demo();
   const FlopCount flops(config, o.batch, latent_h, latent_w, o.text_tokens,
                         StyleSharing{style_align, style_options, &layout});
+  const FlopCount flops_vanilla(config, o.batch, latent_h, latent_w, o.text_tokens, StyleSharing{});
+  if (o.compare_vanilla && !style_align) throw sa::Error("--compare-vanilla needs StyleAligned on (drop --no-style-align)");
 
   const std::string source = !o.model.empty() ? unet_folder(o.model).string() : o.config;
   Json head;
@@ -593,12 +674,17 @@ int run(const Options& o) {
     weight_bytes += static_cast<double>(p.numel()) * static_cast<double>(p.element_size());
   }
 
-  std::shared_ptr<sa::NormHook> hook;
-  if (style_align) hook = sa::install_style_aligned(unet->processors(), style_options);
-  for (const auto& layer : unet->processors().layers()) {
-    unet->processors().set(layer, std::make_shared<TimedProcessor>(unet->processors().get(layer)));
-  }
-  if (hook) unet->set_norm_hook(std::make_shared<TimedNormHook>(hook));
+  // The processors of one mode (StyleAligned or vanilla), each wrapped by the split pass's timer.
+  auto configure = [&](bool with_style) {
+    sa::ProcessorMap& processors = unet->processors();
+    processors.reset();
+    std::shared_ptr<sa::NormHook> hook;
+    if (with_style) hook = sa::install_style_aligned(processors, style_options);
+    for (const auto& layer : processors.layers()) {
+      processors.set(layer, std::make_shared<TimedProcessor>(processors.get(layer)));
+    }
+    unet->set_norm_hook(hook ? std::make_shared<TimedNormHook>(hook) : nullptr);
+  };
 
   // Inputs.
   const auto opts = at::TensorOptions().dtype(dtype).device(device);
@@ -623,120 +709,114 @@ int run(const Options& o) {
     at::Tensor out = unet->forward(sample, timestep, context, forward_options);
     // Reading a value also synchronises an asynchronous device.
     finite = finite && at::isfinite(out).all().item<bool>();
-    return out;
   };
 
   head["params"] = params;
   head["weights_mb"] = weight_bytes / (1024.0 * 1024.0);
   head["build_seconds"] = build_seconds;
+  if (o.compare_vanilla) head["compare_vanilla"] = true;
   head["summary"] = false;
   head["phase"] = "setup";
   print(head);
 
+  // Modes: the requested one, and with --compare-vanilla the vanilla one interleaved (order alternating per rep), so
+  // their ratio sees the same machine load.
+  struct Mode {
+    bool style;
+    const FlopCount* flops;
+    std::vector<double> times, cpu_times, system_times, faults;
+    Json split;
+  };
+  std::vector<Mode> modes{{style_align, &flops, {}, {}, {}, {}, Json()}};
+  if (o.compare_vanilla) modes.push_back({false, &flops_vanilla, {}, {}, {}, {}, Json()});
+  auto mode_name = [](const Mode& m) { return m.style ? "style_aligned" : "vanilla"; };
+
   for (int i = 0; i < o.warmup; ++i) {
-    const auto t0 = Clock::now();
-    forward();
-    print(Json{{"phase", "warmup"}, {"rep", i}, {"seconds", seconds_since(t0)}, {"loadavg", loadavg()}});
+    for (auto& m : modes) {
+      configure(m.style);
+      const auto t0 = Clock::now();
+      forward();
+      print(Json{{"phase", "warmup"}, {"mode", mode_name(m)}, {"rep", i}, {"seconds", seconds_since(t0)},
+                 {"loadavg", loadavg()}});
+    }
   }
-  std::vector<double> times;
+  std::vector<double> pair_ratios;
   for (int i = 0; i < o.reps; ++i) {
-    const auto t0 = Clock::now();
-    forward();
-    const double s = seconds_since(t0);
-    times.push_back(s);
-    print(Json{{"phase", "timed"},
-               {"rep", i},
-               {"seconds", s},
-               {"gflops", flops.total_flops() / s / 1e9},
-               {"peak_rss_mb", peak_rss_mb()},
-               {"loadavg", loadavg()}});
+    std::vector<size_t> order(modes.size());
+    for (size_t k = 0; k < order.size(); ++k) order[k] = i % 2 == 0 ? k : order.size() - 1 - k;
+    for (size_t k : order) {
+      Mode& m = modes[k];
+      configure(m.style);
+      const Usage u0 = Usage::now();
+      const auto t0 = Clock::now();
+      forward();
+      const double s = seconds_since(t0);
+      const Usage u = Usage::now() - u0;
+      m.times.push_back(s);
+      m.cpu_times.push_back(u.user + u.system);
+      m.system_times.push_back(u.system);
+      m.faults.push_back(u.minor_faults);
+      print(Json{{"phase", "timed"},
+                 {"mode", mode_name(m)},
+                 {"rep", i},
+                 {"seconds", s},
+                 {"gflops", m.flops->total_flops() / s / 1e9},
+                 {"cpu_seconds", u.user + u.system},
+                 {"system_seconds", u.system},
+                 {"minor_faults", u.minor_faults},
+                 {"peak_rss_mb", peak_rss_mb()},
+                 {"loadavg", loadavg()}});
+    }
+    if (modes.size() == 2) pair_ratios.push_back(modes[0].times.back() / modes[1].times.back());
   }
 
-  // Split pass: one more forward with the per-op bookkeeping on.
-  Json split;
   if (!o.no_split) {
-    g_split.active = true;
-    const at::CallbackHandle handle =
-        at::addGlobalCallback(at::RecordFunctionCallback(&on_op_start, &on_op_end).scopes({at::RecordScope::FUNCTION}));
-    const auto t0 = Clock::now();
-    forward();
-    const double total = seconds_since(t0);
-    at::removeCallback(handle);
-    g_split.active = false;
-    if (tl_depth != 0) sa::warn(fmt::format("split pass: unbalanced op callbacks (depth {})", tl_depth));
-
-    double by_class[4] = {0.0, 0.0, 0.0, 0.0};
-    std::vector<std::pair<double, std::string>> rest_ops;
-    for (const auto& [op, s] : g_split.ops) {
-      const OpClass k = classify(op);
-      by_class[static_cast<int>(k)] += s;
-      if (k == OpClass::other) rest_ops.emplace_back(s, op);
+    for (auto& m : modes) {
+      configure(m.style);
+      m.split = split_pass(forward, *m.flops, gemm.front());
+      print(Json{{"phase", "split"}, {"mode", mode_name(m)}, {"seconds", m.split["seconds"]}, {"loadavg", loadavg()}});
     }
-    std::sort(rest_ops.rbegin(), rest_ops.rend());
-    const double attention = g_split.attention_self + g_split.attention_cross;
-    const double norm = by_class[static_cast<int>(OpClass::normalisation)] + g_split.norm_hook;
-    const double conv = by_class[static_cast<int>(OpClass::convolution)];
-    const double lin = by_class[static_cast<int>(OpClass::linear)];
-    const double rest = total - attention - norm - conv - lin;
-    const double gemm_now = gemm.front();
-    auto rate = [&](double flop, double s) { return s > 0 ? flop / s / 1e9 : 0.0; };
-    split["seconds"] = total;
-    split["convolution"] = conv;
-    split["linear"] = lin;
-    split["attention_core"] = attention;
-    split["normalisation"] = norm;
-    split["rest"] = rest;
-    split["attention_self"] = g_split.attention_self;
-    split["attention_cross"] = g_split.attention_cross;
-    split["fraction"] = {{"convolution", conv / total},
-                         {"linear", lin / total},
-                         {"attention_core", attention / total},
-                         {"normalisation", norm / total},
-                         {"rest", rest / total}};
-    split["gflops"] = {{"convolution", rate(flops.flops(FlopCount::Op::conv), conv)},
-                       {"linear", rate(flops.flops(FlopCount::Op::linear), lin)},
-                       {"attention_core", rate(flops.flops(FlopCount::Op::attention), attention)}};
-    split["efficiency"] = {{"convolution", rate(flops.flops(FlopCount::Op::conv), conv) / gemm_now},
-                           {"linear", rate(flops.flops(FlopCount::Op::linear), lin) / gemm_now},
-                           {"attention_core", rate(flops.flops(FlopCount::Op::attention), attention) / gemm_now}};
-    Json top = Json::array();
-    for (size_t i = 0; i < rest_ops.size() && i < 8; ++i) {
-      top.push_back({{"op", rest_ops[i].second},
-                     {"seconds", rest_ops[i].first},
-                     {"calls", g_split.op_calls[rest_ops[i].second]}});
-    }
-    double in_ops = 0.0;
-    for (const auto& [op, s] : g_split.ops) in_ops += s;
-    split["rest_top_ops"] = top;
-    split["rest_outside_ops"] = total - attention - g_split.norm_hook - in_ops;
-    split["method"] =
-        "separate pass: attention processors and the norm hook timed by decorators; other top-level ATen ops on the "
-        "benchmark thread timed with a RecordFunction callback (thread-local depth counter); rest = wall - classified";
-    print(Json{{"phase", "split"}, {"seconds", total}, {"loadavg", loadavg()}});
   }
 
   gemm.push_back(gemm_gflops(at::kFloat, device));
+  const double gemm_rate = median(gemm);
+  auto mode_summary = [&](const Mode& m, Json& j) {
+    const double med = median(m.times);
+    j["seconds"] = med;
+    j["seconds_min"] = m.times.empty() ? 0.0 : *std::min_element(m.times.begin(), m.times.end());
+    j["seconds_all"] = m.times;
+    j["cpu_seconds"] = median(m.cpu_times);
+    j["system_seconds"] = median(m.system_times);
+    j["minor_faults"] = median(m.faults);
+    j["gflops"] = med > 0 ? m.flops->total_flops() / med / 1e9 : 0.0;
+    j["gemm_gflops"] = gemm_rate;
+    j["efficiency"] = gemm_rate > 0 && med > 0 ? m.flops->total_flops() / med / 1e9 / gemm_rate : 0.0;
+    if (!m.split.is_null()) j["split"] = m.split;
+  };
+
   Json summary = head;
   summary["summary"] = true;
   summary.erase("phase");
-  const double med = median(times);
-  const double gemm_rate = median(gemm);
   summary["reps"] = o.reps;
-  summary["seconds"] = med;
-  summary["seconds_min"] = times.empty() ? 0.0 : *std::min_element(times.begin(), times.end());
-  summary["seconds_all"] = times;
-  summary["gflops"] = med > 0 ? flops.total_flops() / med / 1e9 : 0.0;
-  summary["gemm_gflops"] = gemm_rate;
+  mode_summary(modes[0], summary);
   summary["gemm_gflops_runs"] = gemm;
   summary["gemm_method"] = "fp32 at::mm 2048x2048x2048, median of 5 after one warm-up, before and after the forwards";
-  summary["efficiency"] = gemm_rate > 0 && med > 0 ? flops.total_flops() / med / 1e9 / gemm_rate : 0.0;
   if (dtype != at::kFloat) summary["gemm_gflops_dtype"] = gemm_gflops(dtype, device);
+  if (modes.size() == 2) {
+    Json vanilla;
+    vanilla["gflop_per_forward"] = flops_vanilla.total_flops() / 1e9;
+    mode_summary(modes[1], vanilla);
+    summary["vanilla"] = vanilla;
+    summary["ratio_vs_vanilla"] = median(modes[0].times) / median(modes[1].times);
+    summary["ratio_vs_vanilla_pairs"] = pair_ratios;
+    summary["ratio_vs_vanilla_cpu"] = median(modes[0].cpu_times) / median(modes[1].cpu_times);
+    summary["ratio_flops_vs_vanilla"] = flops.total_flops() / flops_vanilla.total_flops();
+  }
   summary["peak_rss_mb"] = peak_rss_mb();
   summary["rss_start_mb"] = rss_start;
   summary["rss_before_forward_mb"] = rss_before_forward;
   if (peak_reset) summary["forward_peak_rss_mb"] = status_mb("VmHWM");
   summary["output_finite"] = finite;
-  if (!split.is_null()) summary["split"] = split;
   summary["loadavg_end"] = loadavg();
   print(summary);
   return 0;
@@ -763,6 +843,9 @@ int main(int argc, char** argv) {
   app.add_option("--device", o.device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--no-style-align", o.no_style_align, "Vanilla attention (default: StyleAligned, SDXL demo options)");
   app.add_flag("--no-split", o.no_split, "Skip the extra forward that splits the time by operator class");
+  app.add_flag("--compare-vanilla", o.compare_vanilla,
+               "Also time vanilla forwards, interleaved with the StyleAligned ones on the same weights; the summary "
+               "adds `vanilla` and `ratio_vs_vanilla`");
   app.add_flag("--count-only", o.count_only, "Print the analytic FLOP and parameter count and exit");
   app.add_option("--text-tokens", o.text_tokens, "Text tokens of the cross-attention context")->capture_default_str();
   app.add_option("--seed", o.seed, "Seed of the random weights and inputs")->capture_default_str();
