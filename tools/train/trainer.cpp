@@ -182,7 +182,10 @@ StageResult run_loop(const CommonOptions& o, int64_t start_step, double prior_se
 
   ProgressState ps;
   ps.max_steps = o.max_steps;
-  while (!done()) {
+  // The loop ends exactly when a step saw done(): asking done() again at the top could find the time budget spent
+  // just after a step that did not know it was the last one, which then went unvalidated.
+  bool finished = done();
+  while (!finished) {
     ++step;
     const double lr = lr_at(o, step);
     const auto ts = Clock::now();
@@ -230,6 +233,7 @@ StageResult run_loop(const CommonOptions& o, int64_t start_step, double prior_se
     }
     progress.update(ps, last || !val.empty());
     if (!last && o.checkpoint_every > 0 && step % o.checkpoint_every == 0) h.save(step, total_seconds);
+    finished = last;
   }
   progress.finish();
   r.last_step = step;
