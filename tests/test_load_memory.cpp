@@ -1,10 +1,6 @@
 // Issue 3: peak RSS while loading the tiny SDXL folder stays under 1.3x the weights' size, measured as DECISIONS.md
 // says (peak RSS while loading minus RSS before loading) in a fresh process: sa_load_memory_probe.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-
-#include <array>
-#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -12,22 +8,13 @@
 
 namespace {
 
-std::string quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
-
 TEST(load_memory, sdxl_tiny_pipeline_peak_under_1_3x_weights) {
   const std::string folder = sa_test::model_folder("sdxl_tiny").string();
-  const std::string command = quote(STYLEALIGNED_LOAD_MEMORY_PROBE) + " " + quote(folder);
-  FILE* pipe = ::popen(command.c_str(), "r");
-  ASSERT_NE(pipe, nullptr) << command;
-  std::string output;
-  std::array<char, 4096> buffer{};
-  while (size_t n = std::fread(buffer.data(), 1, buffer.size(), pipe)) output.append(buffer.data(), n);
-  const int status = ::pclose(pipe);
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << command << "\n" << output;
+  const std::string command =
+      sa_test::shell_quote(STYLEALIGNED_LOAD_MEMORY_PROBE) + " " + sa_test::shell_quote(folder);
+  const sa_test::CommandResult run = sa_test::run_command(command);  // stdout only: one JSON line
+  ASSERT_EQ(run.code, 0) << command << "\n" << run.output;
+  const std::string& output = run.output;
 
   const nlohmann::json m = nlohmann::json::parse(output);
   ASSERT_TRUE(m["peak_reset"].get<bool>()) << "peak RSS could not be reset: the peak would include start-up";

@@ -1,10 +1,7 @@
 // The `stylealigned` binary, run as a user would: golden latents in, golden latents out; files, metadata, exit codes.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <fstream>
 
 #include "stylealigned/eval/metrics.h"
@@ -18,28 +15,11 @@ using nlohmann::json;
 
 namespace {
 
-struct Run {
-  int code;
-  std::string output;  // stdout + stderr
-};
-
-Run run_tool(const std::string& args) {
-  std::string cmd = std::string(STYLEALIGNED_TOOL) + " " + args + " 2>&1";
-  Run r{-1, {}};
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf{};
-  while (size_t n = std::fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
-  int status = ::pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+sa_test::CommandResult run_tool(const std::string& args) {
+  return sa_test::run_command(std::string(STYLEALIGNED_TOOL) + " " + args + " 2>&1");
 }
 
-std::string quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
+std::string quote(const std::string& s) { return sa_test::shell_quote(s); }
 
 const json& golden_case(const std::string& id) {
   static const json m = sa_test::read_json(sa_test::fixture("manifest.json"));

@@ -2,7 +2,6 @@
 // embedded toy model, the toy world's exact evaluators (object accuracy, set style consistency), over the output
 // folders of `generate` / `transfer` or any folder of PNG/JPEG images.
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -13,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "internal/atomic_file.h"
 #include "stylealigned/error.h"
 #include "stylealigned/eval/metrics.h"
 #include "stylealigned/image.h"
@@ -131,27 +131,12 @@ std::vector<std::string> read_lines(const fs::path& file) {
 std::string fixed(double v, int digits = 3) { return std::isnan(v) ? "-" : fmt::format("{:.{}f}", v, digits); }
 Json number(double v) { return std::isnan(v) ? Json(nullptr) : Json(v); }
 
-void write_atomically(const fs::path& path, const std::string& text, bool force) {
+// Never replaces a user's file without --force; the write itself is the library's write-then-rename.
+void write_json(const fs::path& path, const std::string& text, bool force) {
   if (fs::exists(path) && !force) {
     throw UsageError(fmt::format("--json {}: exists (use --force to overwrite)", path.string()));
   }
-  const fs::path tmp = path.parent_path() / fmt::format(".{}.tmp-{}", path.filename().string(), ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) {
-      std::error_code ec;
-      fs::remove(tmp, ec);
-      throw Error(fmt::format("--json {}: cannot write the file", path.string()));
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    throw Error(fmt::format("--json {}: cannot write the file ({})", path.string(), ec.message()));
-  }
+  stylealigned::internal::write_file_atomic(path, text);
 }
 
 }  // namespace
@@ -296,7 +281,7 @@ int run_eval(const EvalOptions& o) {
     fmt::print("{}", json_text);
   } else {
     fmt::print("{}", table);
-    if (!o.json_out.empty()) write_atomically(o.json_out, json_text, o.force);
+    if (!o.json_out.empty()) write_json(o.json_out, json_text, o.force);
   }
   return 0;
 }

@@ -13,14 +13,25 @@
 
 namespace stylealigned::internal {
 
-/// A field of /proc/self/status ("VmRSS", "VmHWM") in MiB; -1 where there is none (not Linux).
-inline double proc_status_mib(const std::string& key) {
+/// The memory fields of /proc/self/status, in MiB; -1 where absent (not Linux).
+struct ProcStatus {
+  double rss = -1, peak_rss = -1, anon = -1, file = -1;  ///< VmRSS, VmHWM, RssAnon, RssFile
+};
+
+/// One read of /proc/self/status, so the fields describe the same moment.
+inline ProcStatus read_proc_status() {
+  ProcStatus s;
   std::ifstream in("/proc/self/status");
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind(key + ":", 0) == 0) return std::stod(line.substr(key.size() + 1)) / 1024.0;
+    const auto colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    const std::string key = line.substr(0, colon);
+    double* field = key == "VmRSS" ? &s.rss : key == "VmHWM" ? &s.peak_rss : key == "RssAnon" ? &s.anon
+                  : key == "RssFile" ? &s.file : nullptr;
+    if (field != nullptr) *field = std::stod(line.substr(colon + 1)) / 1024.0;
   }
-  return -1;
+  return s;
 }
 
 /// Sets the peak RSS (VmHWM) back to the current RSS (Linux 4.0+), so a later peak belongs to what ran since.
@@ -71,13 +82,14 @@ inline void warm_up_torch() {
 inline MemoryDelta measure_memory(const std::function<void()>& work) {
   MemoryDelta m;
   m.peak_reset = reset_peak_rss();
-  m.before_mib = proc_status_mib("VmRSS");
-  const double anon_before = proc_status_mib("RssAnon"), file_before = proc_status_mib("RssFile");
+  const ProcStatus before = read_proc_status();
   work();
-  m.peak_mib = proc_status_mib("VmHWM");
-  m.after_mib = proc_status_mib("VmRSS");
-  m.anon_change_mib = proc_status_mib("RssAnon") - anon_before;
-  m.file_change_mib = proc_status_mib("RssFile") - file_before;
+  const ProcStatus after = read_proc_status();
+  m.before_mib = before.rss;
+  m.peak_mib = after.peak_rss;
+  m.after_mib = after.rss;
+  m.anon_change_mib = after.anon - before.anon;
+  m.file_change_mib = after.file - before.file;
   return m;
 }
 

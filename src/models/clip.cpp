@@ -209,26 +209,9 @@ class CLIPVisionLayerImpl : public torch::nn::Module {
   std::shared_ptr<CLIPVisionMLPImpl> mlp_;
 };
 
-class CLIPVisionEncoderImpl : public torch::nn::Module {
+class CLIPVisionEncoderImpl : public vision_parts::LayerStackImpl<CLIPVisionLayerImpl> {
  public:
-  CLIPVisionEncoderImpl(const CLIPVisionConfig& c, bool init) {
-    auto list = register_module("layers", torch::nn::ModuleList());
-    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-      layers_.push_back(std::make_shared<CLIPVisionLayerImpl>(c, init));
-      list->push_back(layers_.back());
-    }
-  }
-  at::Tensor forward(at::Tensor h, std::vector<at::Tensor>* hidden_states) const {
-    for (const auto& layer : layers_) {
-      if (hidden_states) hidden_states->push_back(h);
-      h = layer->forward(h);
-    }
-    if (hidden_states) hidden_states->push_back(h);
-    return h;
-  }
-
- private:
-  std::vector<std::shared_ptr<CLIPVisionLayerImpl>> layers_;
+  CLIPVisionEncoderImpl(const CLIPVisionConfig& c, bool init) : LayerStackImpl("layers", c.num_hidden_layers, c, init) {}
 };
 
 }  // namespace

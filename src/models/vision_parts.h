@@ -8,7 +8,11 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
+
+#include <torch/nn/modules/container/modulelist.h>
 
 namespace stylealigned::models::vision_parts {
 
@@ -43,6 +47,33 @@ class PatchConvImpl : public torch::nn::Module {
  private:
   int64_t patch_;
   at::Tensor weight_, bias_;
+};
+
+/// A transformer's stack of `count` layers, registered as `list_name.0`, `list_name.1`, ... (transformers'
+/// nn.ModuleList: CLIP calls it "layers", ViT "layer"). forward() runs them in order and, when asked, records the
+/// hidden state before each layer and after the last (transformers' output_hidden_states).
+template <class Layer>
+class LayerStackImpl : public torch::nn::Module {
+ public:
+  template <class... LayerArgs>
+  LayerStackImpl(const std::string& list_name, int64_t count, const LayerArgs&... layer_args) {
+    auto list = register_module(list_name, torch::nn::ModuleList());
+    for (int64_t i = 0; i < count; ++i) {
+      layers_.push_back(std::make_shared<Layer>(layer_args...));
+      list->push_back(layers_.back());
+    }
+  }
+  at::Tensor forward(at::Tensor h, std::vector<at::Tensor>* hidden_states) const {
+    for (const auto& layer : layers_) {
+      if (hidden_states) hidden_states->push_back(h);
+      h = layer->forward(h);
+    }
+    if (hidden_states) hidden_states->push_back(h);
+    return h;
+  }
+
+ private:
+  std::vector<std::shared_ptr<Layer>> layers_;
 };
 
 /// True for the activations transformers' ACT2FN maps and activate() computes.

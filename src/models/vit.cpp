@@ -180,26 +180,9 @@ class ViTLayerImpl : public torch::nn::Module {
 
 }  // namespace
 
-class ViTEncoderImpl : public torch::nn::Module {
+class ViTEncoderImpl : public vision_parts::LayerStackImpl<ViTLayerImpl> {
  public:
-  ViTEncoderImpl(const ViTConfig& c, bool init) {
-    auto list = register_module("layer", torch::nn::ModuleList());
-    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-      layers_.push_back(std::make_shared<ViTLayerImpl>(c, init));
-      list->push_back(layers_.back());
-    }
-  }
-  at::Tensor forward(at::Tensor h, std::vector<at::Tensor>* hidden_states) const {
-    for (const auto& layer : layers_) {
-      if (hidden_states) hidden_states->push_back(h);
-      h = layer->forward(h);
-    }
-    if (hidden_states) hidden_states->push_back(h);
-    return h;
-  }
-
- private:
-  std::vector<std::shared_ptr<ViTLayerImpl>> layers_;
+  ViTEncoderImpl(const ViTConfig& c, bool init) : LayerStackImpl("layer", c.num_hidden_layers, c, init) {}
 };
 
 }  // namespace detail

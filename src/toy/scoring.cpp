@@ -40,6 +40,7 @@ SetReport score_set(const std::string& name, const std::vector<at::Tensor>& imag
   const Attributes& reference = report.seen[0].attributes;
   for (size_t i = 0; i < images.size(); ++i) {
     const ParsedCaption& asked = report.asked[i];
+    const AttributeSet mentioned = asked.mentioned();
     const Attributes& seen = report.seen[i].attributes;
     if (asked.object) {
       const bool ok = seen.object == *asked.object;
@@ -50,10 +51,7 @@ SetReport score_set(const std::string& name, const std::vector<at::Tensor>& imag
       report.object_correct.push_back(-1);
     }
     // The style attributes this prompt leaves to chance (or to the reference).
-    AttributeSet left_out;
-    for (Attribute a : {Attribute::palette, Attribute::pattern, Attribute::background, Attribute::outline}) {
-      if (!asked.mentioned().has(a)) left_out = left_out.with(a);
-    }
+    const AttributeSet left_out = mentioned.with(Attribute::object).complement();
     if (i == 0 || left_out.empty()) {
       report.style_consistent.push_back(-1);
       continue;

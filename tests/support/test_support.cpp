@@ -5,7 +5,10 @@
 #include <fstream>
 #include <set>
 
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cstdio>
 #include <stdexcept>
 
 namespace sa_test {
@@ -89,6 +92,23 @@ std::filesystem::path assembled_folder(const std::string& rel) {
     fs::rename(tmp, folder / f);
   }
   return folder;
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+CommandResult run_command(const std::string& command) {
+  CommandResult r;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) return r;
+  char buffer[4096];
+  while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) r.output.append(buffer, n);
+  const int status = ::pclose(pipe);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
 }
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {

@@ -35,6 +35,17 @@ std::filesystem::path model_folder(const std::string& model);
 /// tokenizer files).
 std::filesystem::path assembled_folder(const std::string& relative);
 
+/// `s` as one single-quoted shell word.
+std::string shell_quote(const std::string& s);
+
+/// What a shell command printed on stdout (append " 2>&1" to capture stderr too) and its exit code (-1 when it did
+/// not exit normally or could not start).
+struct CommandResult {
+  int code = -1;
+  std::string output;
+};
+CommandResult run_command(const std::string& command);
+
 /// Element-wise |actual - expected| <= atol + rtol * |expected| (NaN never passes; shapes must match).
 ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected, double atol,
                                     double rtol = 0.0);
