@@ -14,6 +14,7 @@
 // 35 ms instead of 0.8 ms), so compare both settings on a new machine.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 

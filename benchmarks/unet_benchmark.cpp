@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "stylealigned/error.h"
+#include "stylealigned/io/safetensors.h"
 #include "stylealigned/log.h"
 #include "stylealigned/models/unet.h"
 #include "stylealigned/runtime.h"
@@ -449,6 +450,7 @@ struct Options {
   int64_t text_tokens = 77;
   double timestep = 500.0;
   uint64_t seed = 0;
+  std::string save_output;
 };
 
 at::ScalarType parse_dtype(const std::string& s) {
@@ -654,7 +656,10 @@ int run(const Options& o) {
   std::vector<double> gemm;
   gemm.push_back(gemm_gflops(at::kFloat, device));
 
-  // Model. Random weights: from_config's default init (one fp32 copy), then converted tensor by tensor.
+  // Model. Random weights: from_config's default init (one fp32 copy), then converted tensor by tensor. Seeded
+  // here, after the GEMM yardstick drew its operands (from the CPU generator on a CPU run only), so every device
+  // and dtype gets the same weights and inputs and --save-output files compare.
+  at::manual_seed(o.seed);
   auto t_build = Clock::now();
   sa::models::UNet2DConditionModel unet{nullptr};
   if (!o.model.empty()) {
@@ -705,8 +710,10 @@ int run(const Options& o) {
   const bool peak_reset = reset_peak_rss();
   const double rss_before_forward = status_mb("VmRSS");
   bool finite = true;
+  at::Tensor last_output;
   auto forward = [&] {
     at::Tensor out = unet->forward(sample, timestep, context, forward_options);
+    if (!o.save_output.empty()) last_output = out;
     // Reading a value also synchronises an asynchronous device.
     finite = finite && at::isfinite(out).all().item<bool>();
   };
@@ -817,6 +824,12 @@ int run(const Options& o) {
   summary["rss_before_forward_mb"] = rss_before_forward;
   if (peak_reset) summary["forward_peak_rss_mb"] = status_mb("VmHWM");
   summary["output_finite"] = finite;
+  if (!o.save_output.empty() && last_output.defined()) {
+    // Same seed, same weights and inputs on every device and dtype: outputs compare across runs (CPU vs CUDA).
+    sa::io::save_safetensors(o.save_output, {{"output", last_output.to(at::kCPU, at::kFloat).contiguous()}},
+                             {{"device", device.str()}, {"dtype", dtype_name(dtype)}});
+    summary["saved_output"] = o.save_output;
+  }
   summary["loadavg_end"] = loadavg();
   print(summary);
   return 0;
@@ -848,6 +861,8 @@ int main(int argc, char** argv) {
                "adds `vanilla` and `ratio_vs_vanilla`");
   app.add_flag("--count-only", o.count_only, "Print the analytic FLOP and parameter count and exit");
   app.add_option("--text-tokens", o.text_tokens, "Text tokens of the cross-attention context")->capture_default_str();
+  app.add_option("--save-output", o.save_output,
+                 "Write the last forward's output (fp32, safetensors tensor 'output') to compare devices and dtypes");
   app.add_option("--seed", o.seed, "Seed of the random weights and inputs")->capture_default_str();
   try {
     app.parse(argc, argv);

@@ -14,6 +14,7 @@
 #include "stylealigned/attention.h"
 #include "stylealigned/error.h"
 #include "stylealigned/io/safetensors.h"
+#include "internal/style_aligned_concat.h"
 #include "stylealigned/style_aligned.h"
 #include "support/test_support.h"
 #include "support/tracking_allocator.h"
@@ -243,6 +244,39 @@ TEST(style_aligned, matches_the_official_formulation_for_every_option_set) {
       EXPECT_ALLCLOSE(ours, expected, 1e-5) << layout.to_string() << " " << o.to_string();
     }
   }
+}
+
+// The formulation CUDA runs (fused attention over concatenated keys) is checked here on the CPU, where CI runs.
+TEST(style_aligned, concatenated_keys_match_the_official_formulation) {
+  const auto qkv = random_qkv(6, 3, 24, 8, 13);
+  const double scale = 1.0 / std::sqrt(8.0);
+  const std::vector<BatchLayout> layouts = {BatchLayout::cfg(3), BatchLayout::single_group(6),
+                                            BatchLayout({{0, 1, 0}, {1, 4, 2}, {4, 6, 5}})};
+  for (const auto& layout : layouts) {
+    for (int mask = 0; mask < 16; ++mask) {
+      StyleAlignedOptions o;
+      o.adain_queries = mask & 1;
+      o.adain_keys = mask & 2;
+      o.adain_values = mask & 4;
+      o.shared_score_scale = (mask & 8) ? 0.7 : 1.0;
+      AttentionCall call{"down_blocks.1.attentions.0.transformer_blocks.0.attn1", AttentionKind::self_attention,
+                         layout, scale};
+      auto ours = stylealigned::detail::attend_concatenated(qkv.q, qkv.k, qkv.v, call, o, AttentionOptions{97});
+      auto expected = official_style_aligned(qkv.q, qkv.k, qkv.v, layout, o, scale);
+      EXPECT_ALLCLOSE(ours, expected, 1e-5) << layout.to_string() << " " << o.to_string();
+    }
+  }
+  // Half precision in, half out; AdaIN statistics in fp32.
+  StyleAlignedOptions o;
+  const auto layout = BatchLayout::cfg(3);
+  AttentionCall call{"attn1", AttentionKind::self_attention, layout, scale, /*upcast=*/true};
+  auto half = stylealigned::detail::attend_concatenated(qkv.q.to(at::kBFloat16), qkv.k.to(at::kBFloat16),
+                                          qkv.v.to(at::kBFloat16), call, o, AttentionOptions{});
+  EXPECT_EQ(half.scalar_type(), at::kBFloat16);
+  EXPECT_ALLCLOSE(half.to(at::kFloat), official_style_aligned(qkv.q, qkv.k, qkv.v, layout, o, scale), 0.1);
+  StyleAlignedOptions shifted;
+  shifted.shared_score_shift = 0.5;
+  EXPECT_THROW(stylealigned::detail::attend_concatenated(qkv.q, qkv.k, qkv.v, call, shifted, AttentionOptions{}), Error);
 }
 
 TEST(style_aligned, reference_rows_equal_plain_attention) {

@@ -1,5 +1,6 @@
 // The model-backed scorers: CLIP text alignment, DINO set consistency, and whole sets.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 #include "stylealigned/models/clip_text.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/nn/modules/container/modulelist.h>

@@ -1,4 +1,5 @@
 #include "stylealigned/models/loading.h"
+#include <ATen/core/grad_mode.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>

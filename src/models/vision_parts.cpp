@@ -1,4 +1,5 @@
 #include "models/vision_parts.h"
+#include <ATen/core/grad_mode.h>
 
 #include <cmath>
 

@@ -102,6 +102,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   unet_cmd->add_option("--caption-dropout", unet.caption_dropout, "Share of empty captions")->capture_default_str();
   unet_cmd->add_option("--ema-decay", unet.ema_decay, "EMA of the UNet weights (0: off)")->capture_default_str();
+  unet_cmd->add_option("--data-reuse", unet.data_reuse,
+                       "Steps per rendered batch, each with new noise and timesteps (GPU: the renderer is the limit)")
+      ->capture_default_str();
   unet_cmd->add_option("--unet-config", unet_config_file, "unet config.json instead of the toy model's");
   unet_cmd->add_option("--text-encoder-config", te_config_file, "text_encoder config.json instead of the toy model's");
 

@@ -1,12 +1,15 @@
 #include "optim.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "stylealigned/error.h"
+#include "stylealigned/log.h"
 
 namespace stylealigned::train {
 namespace {
@@ -65,6 +68,15 @@ NamedTensors AdamW::state() const {
 
 void AdamW::load_state(const std::map<std::string, at::Tensor>& tensors) {
   at::NoGradGuard no_grad;
+  if (tensors.count("adam.steps") == 0 && std::none_of(tensors.begin(), tensors.end(), [](const auto& kv) {
+        return kv.first.rfind("adam.", 0) == 0;
+      })) {
+    // A slim checkpoint (weights only, e.g. carried to another machine): moments restart from zero, which the
+    // bias correction of a fresh step count handles like a warm restart.
+    warn("checkpoint has no optimizer state: AdamW moments start from zero");
+    steps_ = 0;
+    return;
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     m_[i].copy_(find(tensors, "adam.m." + params_[i].first, m_[i]));
     v_[i].copy_(find(tensors, "adam.v." + params_[i].first, v_[i]));
@@ -112,6 +124,12 @@ NamedTensors Ema::state() const {
 
 void Ema::load_state(const std::map<std::string, at::Tensor>& tensors) {
   at::NoGradGuard no_grad;
+  if (tensors.count("ema.updates") == 0 && std::none_of(tensors.begin(), tensors.end(), [](const auto& kv) {
+        return kv.first.rfind("ema.", 0) == 0;
+      })) {
+    warn("checkpoint has no EMA state: the EMA starts from the loaded weights");
+    return;
+  }
   for (auto& [name, t] : shadow_) t.copy_(find(tensors, "ema." + name, t));
   auto it = tensors.find("ema.updates");
   if (it == tensors.end()) throw Error("checkpoint: 'ema.updates' is missing");

@@ -1,8 +1,10 @@
 #include "trainer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <atomic>
@@ -11,6 +13,7 @@
 #include <csignal>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <utility>
@@ -155,6 +158,39 @@ class SignalScope {
   void (*old_int_)(int);
   void (*old_term_)(int);
 };
+
+// Renders the batch of a given data step, optionally one step ahead on a background thread. The batch of a step is
+// a pure function of the step, so prefetching changes when it is rendered, never what it holds.
+class BatchPrefetcher {
+ public:
+  explicit BatchPrefetcher(std::function<Batch(int64_t)> render) : render_(std::move(render)) {}
+  ~BatchPrefetcher() {
+    if (pending_.valid()) pending_.wait();
+  }
+  void start(int64_t data_step) {
+    if (pending_.valid()) return;
+    pending_step_ = data_step;
+    pending_ = std::async(std::launch::async, render_, data_step);
+  }
+  Batch take(int64_t data_step) {
+    if (pending_.valid()) {
+      Batch b = pending_.get();
+      if (pending_step_ == data_step) return b;
+    }
+    return render_(data_step);
+  }
+
+ private:
+  std::function<Batch(int64_t)> render_;
+  std::future<Batch> pending_;
+  int64_t pending_step_ = -1;
+};
+
+// TF32 tensor cores for fp32 matrix products on CUDA (cuDNN convolutions already use them by default): the
+// trainer's weights stay fp32, and the toy model's loss is far above TF32's 1e-3 relative error.
+void use_fast_fp32(const c10::Device& device) {
+  if (device.is_cuda()) at::globalContext().setFloat32MatmulPrecision("high");
+}
 
 // Runs steps start_step + 1, ... until max_steps, the time budget or a stop request. Writes the loss log, progress
 // and the periodic checkpoints; the caller writes the final checkpoint (after anything it measures at the end).
@@ -340,6 +376,7 @@ StageResult train_vae(const VaeStageOptions& options) {
   }
   if (options.kl_weight < 0) throw Error(fmt::format("--kl-weight must be >= 0, got {}", options.kl_weight));
   const c10::Device device = parse_device(o.device);
+  use_fast_fp32(device);
   auto resumed = open_run(o, "vae");
 
   std::string config_json = options.vae_config_json.empty() ? toy::vae_config_json(1.0) : options.vae_config_json;
@@ -480,7 +517,9 @@ StageResult train_unet(const UnetStageOptions& options) {
     throw Error(fmt::format("--ema-decay must be in [0, 1), got {}", options.ema_decay));
   }
   if (options.vae_checkpoint.empty()) throw Error("--vae (the vae run folder or checkpoint) is required");
+  if (options.data_reuse < 1) throw Error(fmt::format("--data-reuse must be >= 1, got {}", options.data_reuse));
   const c10::Device device = parse_device(o.device);
+  use_fast_fp32(device);
   auto resumed = open_run(o, "unet");
 
   // The frozen VAE and the latent scale.
@@ -617,20 +656,41 @@ StageResult train_unet(const UnetStageOptions& options) {
     meta["latents"] = options.latents;
     meta["caption_dropout"] = options.caption_dropout;
     meta["ema_decay"] = options.ema_decay;
+    meta["data_reuse"] = options.data_reuse;
     write_checkpoint(o.run_dir / "checkpoint.safetensors", tensors, meta);
   };
 
   double data_seconds = 0.0;
+  // On a GPU the next batch renders on the CPU while this one trains; on the CPU that would only fight the
+  // training for the same cores, so there each batch renders when it is needed.
+  BatchPrefetcher prefetch([&](int64_t data_step) {
+    return render_batch(o.seed, Stream::train, data_step, 0, o.batch_size, o.image_size, true);
+  });
   StageHooks hooks;
   hooks.name = "unet";
   if (ema) hooks.val_columns = {"val_loss_ema"};
+  // With data_reuse = K, steps (d-1)K+1 .. dK train on the images of data step d, each with its own noise,
+  // timesteps and caption dropout: the latents are encoded once per data step and kept.
+  const int64_t reuse = options.data_reuse;
+  int64_t cached_step = -1;
+  at::Tensor cached_latents;
+  std::vector<std::string> cached_captions;
   hooks.step = [&](int64_t step, double lr) {
-    const int64_t data_step = o.fixed_batch ? 1 : step;
-    const auto td = Clock::now();
-    Batch batch = render_batch(o.seed, Stream::train, data_step, 0, o.batch_size, o.image_size, true);
+    const int64_t data_step = o.fixed_batch ? 1 : (step - 1) / reuse + 1;
     auto gen = generator_for(o.seed, Stream::noise, data_step);
-    const at::Tensor latents = encode_latents(batch.images.to(device), &gen);
-    data_seconds += seconds_since(td);
+    if (data_step != cached_step) {
+      const auto td = Clock::now();
+      Batch fresh = prefetch.take(data_step);
+      if (device.is_cuda() && !o.fixed_batch) prefetch.start(data_step + 1);
+      cached_latents = encode_latents(fresh.images.to(device), &gen);
+      cached_captions = std::move(fresh.captions);
+      cached_step = data_step;
+      data_seconds += seconds_since(td);
+    }
+    if (reuse > 1) gen = generator_for(o.seed, Stream::noise, step, 1);
+    const at::Tensor& latents = cached_latents;
+    Batch batch;
+    batch.captions = cached_captions;
     const at::Tensor t = at::randint(0, num_timesteps, {o.batch_size}, gen, at::kLong).to(device);
     const at::Tensor noise = at::randn(latents.sizes(), gen, at::kFloat).to(device);
     const at::Tensor drop = at::rand({o.batch_size}, gen, at::kDouble);
@@ -678,6 +738,7 @@ StageResult train_unet(const UnetStageOptions& options) {
                 {{"scaling_factor", scaling},
                  {"caption_dropout", options.caption_dropout},
                  {"ema_decay", options.ema_decay},
+                 {"data_reuse", options.data_reuse},
                  {"latents", options.latents}});
   fmt::print(stderr, "[unet] step {}: loss {:.5f}, val {:.5f}, {:.2f} images/s; checkpoint {}\n", r.last_step,
              r.losses.empty() ? 0.0 : r.losses.back(), r.val_loss, r.images_per_second,

@@ -62,6 +62,9 @@ struct UnetStageOptions {
   std::string latents = "mean";     ///< "mean" or "sample" of the VAE posterior
   double caption_dropout = 0.1;     ///< share of captions replaced by "" (for classifier-free guidance)
   double ema_decay = 0.999;         ///< 0: no EMA
+  /// Steps that train on each rendered batch (with fresh noise, timesteps and dropout each time). A GPU trains
+  /// faster than the CPU renders; 1 (every step new images) keeps a CPU run's data as before.
+  int64_t data_reuse = 1;
   std::string unet_config_json;     ///< empty: toy::unet_config_json()
   std::string text_encoder_config_json;  ///< empty: toy::text_encoder_config_json()
 };
