@@ -240,3 +240,44 @@ TEST(tool, eval_errors_name_the_culprit) {
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find("broken.png"), std::string::npos) << r.output;
 }
+
+// The README's main command on the embedded model (small here: 1 set, few steps), and the card's study command.
+TEST(tool, demo_writes_both_grids_and_the_table_and_study_writes_json) {
+  const fs::path root = sa_test::scratch_dir("tool_demo");
+  fs::remove_all(root);
+  auto r = run_tool("demo --sets 1 --steps 4 --quiet --out " + quote((root / "demo").string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* f : {"vanilla.png", "style_aligned.png", "side_by_side.png", "summary.json"}) {
+    EXPECT_TRUE(fs::exists(root / "demo" / f)) << f;
+  }
+  EXPECT_NE(r.output.find("style_aligned"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("side_by_side.png"), std::string::npos) << r.output;
+  const at::Tensor both = stylealigned::image::read_rgb(root / "demo" / "side_by_side.png");
+  const at::Tensor one = stylealigned::image::read_rgb(root / "demo" / "vanilla.png");
+  EXPECT_EQ(both.size(0), one.size(0));
+  EXPECT_GT(both.size(1), 2 * one.size(1));
+  const json summary = sa_test::read_json(root / "demo" / "summary.json");
+  ASSERT_EQ(summary["arms"].size(), 2u);
+  EXPECT_EQ(summary["arms"][1]["name"], "style_aligned");
+  EXPECT_TRUE(summary["arms"][1].contains("consistency_gain_vs_vanilla"));
+
+  // A second run refuses to overwrite; nothing is lost.
+  r = run_tool("demo --sets 1 --steps 4 --quiet --out " + quote((root / "demo").string()));
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("--force"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(root / "demo" / "summary.json"));
+
+  const fs::path js = root / "study.json";
+  r = run_tool("study --sets 2 --steps 3 --quiet --arms vanilla,style_aligned,no_adain --json " + quote(js.string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  const json j = sa_test::read_json(js);
+  ASSERT_EQ(j["arms"].size(), 3u);
+  EXPECT_EQ(j["arms"][2]["name"], "no_adain");
+  EXPECT_EQ(j["arms"][1]["consistency_gain_vs_vanilla"]["pairs"], 2);
+  r = run_tool("study --sets 1 --arms style_aligned");
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("vanilla"), std::string::npos) << r.output;
+  r = run_tool("demo --model " + quote((root / "nowhere").string()));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("model_index.json"), std::string::npos) << r.output;
+}

@@ -22,6 +22,7 @@
 #include "stylealigned/models/vae.h"
 #include "stylealigned/pipeline.h"
 #include "stylealigned/toy/model.h"
+#include "stylealigned/toy/study.h"
 #include "stylealigned/toy/world.h"
 #include "support/test_support.h"
 
@@ -487,4 +488,99 @@ TEST(toy_export, models_of_other_configs_export_with_their_configs) {
     EXPECT_NE(std::string(e.what()).find("cross_attention_dim"), std::string::npos) << e.what();
   }
   EXPECT_EQ(entries(root), std::set<std::string>{"small"});
+}
+
+// The shipped model ------------------------------------------------------------------------------------------------
+
+namespace {
+fs::path shipped_model() { return fs::path(STYLEALIGNED_SOURCE_DIR) / "models" / "toy"; }
+
+at::Tensor to_rgb_batch(const at::Tensor& images) {
+  return images.mul(255.0).round_().clamp_(0, 255).to(at::kByte).permute({0, 2, 3, 1}).contiguous();
+}
+}  // namespace
+
+// models/toy (trained on the GPU machine, models/toy/README.md) follows the text: a fixed vanilla set of four
+// objects, each read back by the toy world's evaluators.
+TEST(shipped_toy_model, draws_the_objects_its_prompts_name) {
+  auto pipe = stylealigned::Pipeline::load(shipped_model());
+  stylealigned::GenerationRequest req;
+  req.prompts = {"a heart in dotted style", "a star in striped style", "a crescent in solid style",
+                 "a diamond in checkered style"};
+  req.steps = 25;
+  req.seed = 3;
+  const at::Tensor rgb = to_rgb_batch(pipe.generate(req).images);
+  ASSERT_EQ(rgb.sizes(), (std::vector<int64_t>{4, 64, 64, 3}));
+  const std::vector<toy::Object> named = {toy::Object::heart, toy::Object::star, toy::Object::crescent,
+                                          toy::Object::diamond};
+  const auto seen = toy::evaluate_batch(rgb);
+  EXPECT_EQ(seen[0].attributes.object, toy::Object::heart) << "read as " << toy::name(seen[0].attributes.object);
+  int correct = 0;
+  for (size_t i = 0; i < named.size(); ++i) correct += seen[i].attributes.object == named[i];
+  // All four on the machine this was written on; one may flip on a CPU whose kernels round differently.
+  EXPECT_GE(correct, 3);
+}
+
+// StyleAligned leaves the reference's own attention alone, so a set's reference image is the vanilla one; the
+// targets change. Through the study runner, which the demo and the card use.
+TEST(shipped_toy_model, study_reference_is_unchanged_and_targets_are_aligned) {
+  auto pipe = stylealigned::Pipeline::load(shipped_model());
+  const auto sets = toy::study_sets(1, 4, 5);
+  ASSERT_EQ(sets[0].prompts.size(), 4u);
+  toy::StudyOptions so;
+  so.steps = 10;
+  so.keep_images = true;
+  const auto arms = toy::standard_arms();
+  ASSERT_EQ(arms[0].name, "vanilla");
+  ASSERT_EQ(arms[1].name, "style_aligned");
+  const auto r = toy::run_study(pipe, sets, {arms[0], arms[1]}, so);
+  ASSERT_EQ(r.size(), 2u);
+  ASSERT_EQ(r[0].reports.size(), 1u);
+  const at::Tensor va = r[0].images[0].to(at::kInt), st = r[1].images[0].to(at::kInt);
+  EXPECT_LE((va[0] - st[0]).abs().max().item<int>(), 2) << "reference row changed";
+  EXPECT_GT((va.narrow(0, 1, 3) - st.narrow(0, 1, 3)).abs().to(at::kFloat).mean().item<float>(), 1.0f)
+      << "targets did not change";
+  EXPECT_EQ(r[1].reports[0].targets_judged, 3);
+}
+
+TEST(toy_study, sets_name_object_and_pattern_only_and_differ) {
+  const auto sets = toy::study_sets(50, 4, 0);
+  ASSERT_EQ(sets.size(), 50u);
+  std::set<std::string> distinct;
+  for (const auto& s : sets) {
+    std::set<toy::Object> objects;
+    for (const auto& p : s.prompts) {
+      const toy::ParsedCaption c = toy::parse_caption(p);
+      ASSERT_TRUE(c.object.has_value()) << p;
+      objects.insert(*c.object);
+      EXPECT_TRUE(c.pattern.has_value()) << p;
+      EXPECT_FALSE(c.palette.has_value() || c.background.has_value() || c.outline.has_value()) << p;
+      distinct.insert(p);
+    }
+    EXPECT_EQ(objects.size(), 4u);
+  }
+  EXPECT_GT(distinct.size(), 30u);
+  EXPECT_EQ(toy::study_sets(3, 4, 0)[2].prompts, sets[2].prompts);  // deterministic
+  EXPECT_THROW(toy::study_sets(1, 9, 0), stylealigned::Error);
+}
+
+TEST(toy_study, paired_bootstrap_intervals) {
+  std::vector<double> a, b;
+  for (int i = 0; i < 40; ++i) {
+    b.push_back((i % 4) / 4.0);
+    a.push_back(b.back() + 0.5);
+  }
+  auto d = toy::paired_bootstrap(a, b);
+  EXPECT_NEAR(d.mean, 0.5, 1e-12);
+  EXPECT_NEAR(d.low, 0.5, 1e-12);  // constant differences: no spread
+  EXPECT_NEAR(d.high, 0.5, 1e-12);
+  EXPECT_EQ(d.pairs, 40);
+  std::vector<double> noisy;
+  for (int i = 0; i < 40; ++i) noisy.push_back(i % 2 ? 1.0 : 0.0);
+  auto m = toy::bootstrap_mean(noisy);
+  EXPECT_NEAR(m.mean, 0.5, 1e-12);
+  EXPECT_LT(m.low, 0.45);
+  EXPECT_GT(m.high, 0.55);
+  EXPECT_GT(m.low, 0.25);
+  EXPECT_THROW(toy::paired_bootstrap({1.0}, {1.0, 2.0}), stylealigned::Error);
 }

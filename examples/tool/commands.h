@@ -23,6 +23,23 @@ struct DemoOptions {
 void add_demo_options(CLI::App& cmd, DemoOptions& options);
 int run_demo(const DemoOptions& options);
 
+// `demo` (the toy-model showcase, README's main command) and `study` (the model card's effect table).
+struct StudyOptions {
+  std::string model;  // empty: the embedded toy model
+  int64_t sets = 4;
+  int64_t steps = 25;
+  uint64_t seed = 0;
+  std::string arms = "vanilla,style_aligned,no_adain,full_attention_share,shared_group_norm";  // study only
+  std::string out = "out/demo";  // demo only
+  std::string json_out;          // study only
+  bool force = false;
+  bool quiet = false;
+  bool layer = false;  // demo --layer: the synthetic one-layer demo instead
+};
+void add_study_options(CLI::App& cmd, StudyOptions& options, bool demo);
+int run_showcase(const StudyOptions& options);
+int run_study(const StudyOptions& options);
+
 // Options shared by `generate` and `transfer`.
 struct GenerateOptions {
   std::string model;

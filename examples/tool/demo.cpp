@@ -19,7 +19,7 @@ void add_demo_options(CLI::App& cmd, DemoOptions& o) {
   cmd.add_option("--tokens", o.tokens, "tokens per image (1024 = a 32x32 latent level)")->check(CLI::Range(2, 65536));
   cmd.add_option("--heads", o.heads, "attention heads")->check(CLI::Range(1, 64));
   cmd.add_option("--head-dim", o.head_dim, "channels per head")->check(CLI::Range(1, 512));
-  cmd.add_option("--seed", o.seed, "random seed");
+  // --seed is the showcase's (it seeds both); the layer demo keeps its own default.
 }
 
 namespace {

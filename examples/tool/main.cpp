@@ -18,11 +18,20 @@ int main(int argc, char** argv) {
   int threads = 0;
   app.add_option("--threads", threads, "CPU threads for libtorch (default: all cores)");
 
-  sa_tool::DemoOptions demo;
+  sa_tool::StudyOptions showcase;
   auto* demo_cmd = app.add_subcommand(
-      "demo", "Show what the StyleAligned processor does to one SDXL-sized self-attention layer: reference rows "
-              "unchanged, targets pulled to the reference's statistics and attending to its tokens, memory linear");
+      "demo", "StyleAligned vs vanilla on the embedded toy model: a few sets, both grids side by side, and the toy "
+              "world's exact scores (object accuracy, set style consistency). --layer: one synthetic SDXL-sized "
+              "self-attention layer instead");
+  sa_tool::add_study_options(*demo_cmd, showcase, /*demo=*/true);
+  sa_tool::DemoOptions demo;
   sa_tool::add_demo_options(*demo_cmd, demo);
+
+  sa_tool::StudyOptions study;
+  auto* study_cmd = app.add_subcommand(
+      "study", "The StyleAligned effect table on the embedded toy model: many sets, vanilla vs StyleAligned and the "
+               "paper's ablations, paired-bootstrap intervals");
+  sa_tool::add_study_options(*study_cmd, study, /*demo=*/false);
 
   sa_tool::GenerateOptions gen;
   auto* gen_cmd = app.add_subcommand(
@@ -53,7 +62,8 @@ int main(int argc, char** argv) {
   }
   try {
     stylealigned::configure_threads(threads);
-    if (demo_cmd->parsed()) return sa_tool::run_demo(demo);
+    if (demo_cmd->parsed()) return showcase.layer ? sa_tool::run_demo(demo) : sa_tool::run_showcase(showcase);
+    if (study_cmd->parsed()) return sa_tool::run_study(study);
     if (gen_cmd->parsed()) return sa_tool::run_generate(gen, false);
     if (transfer_cmd->parsed()) return sa_tool::run_generate(transfer, true);
     if (info_cmd->parsed()) return sa_tool::run_info(info);

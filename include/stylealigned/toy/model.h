@@ -60,7 +60,7 @@ std::string text_encoder_config_json();
 /// diffusers UNet2DConditionModel config: 16x16x4 latents, three levels with self- and cross-attention at 16x16
 /// and 8x8 and in the mid block, cross_attention_dim = the text encoder's hidden size, 32-channel heads.
 std::string unet_config_json();
-/// diffusers AutoencoderKL config: 3 levels (32, 64, 128 channels; factor 4), 4 latent channels, sample_size 64.
+/// diffusers AutoencoderKL config: 3 levels (32, 64, 64 channels; factor 4), 4 latent channels, sample_size 64.
 /// `scaling_factor` is measured on training data (1 / std of the latents) once the VAE is trained.
 std::string vae_config_json(double scaling_factor);
 std::string vae_config_json();  ///< scaling_factor 1.0
