@@ -417,7 +417,7 @@ OpClass classify(const std::string& op) {
   static const char* const conv[] = {"aten::conv2d", "aten::convolution", "aten::_convolution",
                                      "aten::mkldnn_convolution", "aten::slow_conv2d_forward",
                                      "aten::_slow_conv2d_forward", "aten::cudnn_convolution"};
-  static const char* const linear[] = {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm",
+  static const char* const linear[] = {"aten::linear", "stylealigned::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm",
                                        "aten::baddbmm"};
   static const char* const norm[] = {"aten::group_norm", "aten::native_group_norm", "aten::layer_norm",
                                      "aten::native_layer_norm"};

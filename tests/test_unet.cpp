@@ -493,3 +493,29 @@ TEST(unet_parity, style_aligned_forward_matches_the_official_handler) {
     EXPECT_GT(sa_test::max_abs_diff(plain, expected), 10 * atol) << c.at("id");
   }
 }
+
+// fp32 CPU inference sends large Linear products through oneDNN's 1x1 convolution; it must equal at::linear
+// (summation order aside) for every input rank, with and without bias, and leave autograd and small inputs alone.
+TEST(layers, linear_through_onednn_equals_at_linear) {
+  at::manual_seed(3);
+  for (bool bias : {true, false}) {
+    stylealigned::models::layers::Linear lin(320, 1280, bias);
+    for (const std::vector<int64_t>& shape :
+         std::vector<std::vector<int64_t>>{{2, 4096, 320}, {8192, 320}, {3, 7, 320}}) {
+      const at::Tensor x = at::randn(shape);
+      const at::Tensor expected = at::linear(x, lin->weight, lin->bias);
+      at::Tensor got;
+      {
+        at::NoGradGuard no_grad;
+        got = lin->forward(x);
+      }
+      ASSERT_EQ(got.sizes(), expected.sizes());
+      EXPECT_LT((got - expected).abs().max().item<float>(), 1e-4) << "bias " << bias << " rows " << x.numel() / 320;
+    }
+  }
+  // Under autograd the product stays differentiable.
+  stylealigned::models::layers::Linear lin(16, 8, true);
+  const at::Tensor x = at::randn({2048, 16}).set_requires_grad(true);
+  lin->forward(x).sum().backward();
+  EXPECT_TRUE(x.grad().defined());
+}
