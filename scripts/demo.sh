@@ -4,4 +4,6 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/install-deps.sh"
 "$root/scripts/build.sh"
-"${BUILD_DIR:-$root/build}/examples/stylealigned" demo "$@"
+# --force: the demo's own folder (out/demo, or --out) is rewritten on every run, so the main command can be repeated;
+# the tool alone refuses to overwrite, as everywhere else.
+"${BUILD_DIR:-$root/build}/examples/stylealigned" demo --force "$@"

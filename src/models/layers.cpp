@@ -50,8 +50,10 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias
 namespace {
 // fp32 CPU inference runs a Linear's product through oneDNN's convolution: x [m, in] viewed as an NHWC image of
 // m x 1 pixels, the weight as 1x1 filters. On the UNet's shapes (m = batch x tokens >= thousands, in/out 320-5120)
-// oneDNN's kernel beats at::linear's BLAS call; small products (time embeddings, text encoders' short sequences)
-// keep at::linear. STYLEALIGNED_LINEAR=blas turns it off (for A/B benchmarks).
+// oneDNN's kernel beats at::linear's BLAS call; small products keep at::linear: few rows (time embeddings, text
+// encoders' short sequences) or narrow layers (the toy model's 64-128 channels, where oneDNN's per-call weight
+// reorder costs more than it saves: its demo ran 1.4x slower). STYLEALIGNED_LINEAR=blas turns it off (for A/B
+// benchmarks).
 bool linear_through_onednn(const at::Tensor& x, const at::Tensor& w) {
   static const bool enabled = [] {
     const char* v = std::getenv("STYLEALIGNED_LINEAR");
@@ -59,7 +61,8 @@ bool linear_through_onednn(const at::Tensor& x, const at::Tensor& w) {
   }();
   return enabled && x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
          !at::GradMode::is_enabled() && x.dim() >= 2 && x.is_contiguous() && w.is_contiguous() &&
-         x.numel() / std::max<int64_t>(1, x.size(-1)) >= 1024 && at::globalContext().userEnabledMkldnn();
+         x.size(-1) >= 256 && w.size(0) >= 256 && x.numel() / std::max<int64_t>(1, x.size(-1)) >= 1024 &&
+         at::globalContext().userEnabledMkldnn();
 }
 }  // namespace
 
