@@ -179,7 +179,8 @@ int run_showcase(const StudyOptions& o) {
   }
   OutputSet output(o.out, o.force);
   const auto t0 = std::chrono::steady_clock::now();
-  const std::vector<toy::StudyArm> arms = {toy::standard_arms()[0], toy::standard_arms()[1]};
+  const auto standard = toy::standard_arms();
+  const std::vector<toy::StudyArm> arms = {standard[0], standard[1]};  // vanilla, style_aligned
   fmt::print("stylealigned demo: {} sets of 4 images from the embedded toy model ({}), {} DDIM steps\n", o.sets,
              model.string(), o.steps);
   fmt::print("Each prompt names an object and a fill pattern and leaves palette, background and outline to the model;\n"

@@ -8,17 +8,13 @@
 #include <numeric>
 #include <random>
 
+#include "internal/splitmix.h"
 #include "stylealigned/error.h"
 
 namespace stylealigned::toy {
 namespace {
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
+using internal::splitmix64;
 
 double mean_of(const std::vector<double>& v) {
   double sum = 0;

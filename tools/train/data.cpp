@@ -2,24 +2,17 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
 
 #include <random>
 
 #include <fmt/format.h>
 
+#include "internal/splitmix.h"
 #include "stylealigned/error.h"
 #include "stylealigned/toy/world.h"
 
 namespace stylealigned::train {
-namespace {
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-}  // namespace
+using internal::splitmix64;
 
 uint64_t mix_seed(uint64_t seed, Stream stream, int64_t step, int64_t index) {
   uint64_t h = splitmix64(seed);
@@ -35,22 +28,17 @@ at::Generator generator_for(uint64_t seed, Stream stream, int64_t step, int64_t 
 Batch render_batch(uint64_t seed, Stream stream, int64_t step, int64_t first_index, int64_t count,
                    int64_t image_size, bool with_captions) {
   if (count <= 0) throw Error(fmt::format("render_batch: count must be positive, got {}", count));
-  // Every image depends only on its own seed, so the images render in parallel and the batch is the same for any
-  // thread count (a GPU run needs all cores here: one thread renders ~500 images/s, the GPU trains on thousands).
-  std::vector<at::Tensor> images(static_cast<size_t>(count));
+  std::vector<toy::Scene> scenes;
   Batch batch;
-  if (with_captions) batch.captions.resize(static_cast<size_t>(count));
+  scenes.reserve(static_cast<size_t>(count));
+  for (int64_t i = first_index; i < first_index + count; ++i) {
+    std::mt19937_64 rng(mix_seed(seed, stream, step, i));
+    scenes.push_back(toy::sample_scene(rng));
+    if (with_captions) batch.captions.push_back(toy::random_caption(scenes.back().attributes, rng));
+  }
   toy::RenderOptions options;
   options.size = image_size;
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      std::mt19937_64 rng(mix_seed(seed, stream, step, first_index + k));
-      const toy::Scene scene = toy::sample_scene(rng);
-      if (with_captions) batch.captions[static_cast<size_t>(k)] = toy::random_caption(scene.attributes, rng);
-      images[static_cast<size_t>(k)] = toy::render(scene, options);
-    }
-  });
-  batch.images = to_model_pixels(at::stack(images));
+  batch.images = to_model_pixels(toy::render_batch(scenes, options));  // parallel over the scenes
   return batch;
 }
 

@@ -689,15 +689,14 @@ StageResult train_unet(const UnetStageOptions& options) {
     }
     if (reuse > 1) gen = generator_for(o.seed, Stream::noise, step, 1);
     const at::Tensor& latents = cached_latents;
-    Batch batch;
-    batch.captions = cached_captions;
+    std::vector<std::string> captions = cached_captions;  // dropout below clears some
     const at::Tensor t = at::randint(0, num_timesteps, {o.batch_size}, gen, at::kLong).to(device);
     const at::Tensor noise = at::randn(latents.sizes(), gen, at::kFloat).to(device);
     const at::Tensor drop = at::rand({o.batch_size}, gen, at::kDouble);
     for (int64_t i = 0; i < o.batch_size; ++i) {
-      if (drop[i].item<double>() < options.caption_dropout) batch.captions[static_cast<size_t>(i)].clear();
+      if (drop[i].item<double>() < options.caption_dropout) captions[static_cast<size_t>(i)].clear();
     }
-    const at::Tensor ids = tokenizer.encode_batch(batch.captions).to(device);
+    const at::Tensor ids = tokenizer.encode_batch(captions).to(device);
     const at::Tensor loss = predict_loss(latents, t, noise, ids);
     opt.zero_grad();
     loss.backward();
