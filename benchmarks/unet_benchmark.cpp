@@ -33,6 +33,7 @@
 #include <utility>
 #include <vector>
 
+#include "internal/onednn.h"
 #include "stylealigned/error.h"
 #include "stylealigned/io/safetensors.h"
 #include "stylealigned/log.h"
@@ -415,7 +416,7 @@ enum class OpClass { convolution, linear, normalisation, other };
 
 OpClass classify(const std::string& op) {
   static const char* const conv[] = {"aten::conv2d", "aten::convolution", "aten::_convolution",
-                                     "aten::mkldnn_convolution", "aten::slow_conv2d_forward",
+                                     "aten::mkldnn_convolution", "stylealigned::conv2d", "aten::slow_conv2d_forward",
                                      "aten::_slow_conv2d_forward", "aten::cudnn_convolution"};
   static const char* const linear[] = {"aten::linear", "stylealigned::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm",
                                        "aten::baddbmm"};
@@ -496,6 +497,22 @@ double gemm_gflops(at::ScalarType dtype, const at::Device& device, int64_t n = 2
     const auto t0 = Clock::now();
     at::mm_out(c, a, b);
     if (device.is_cuda()) (void)c.sum().item<double>();
+    times.push_back(seconds_since(t0));
+  }
+  return 2.0 * static_cast<double>(n) * n * n / median(times) / 1e9;
+}
+
+// The same rate through oneDNN's matmul (the kernel the library's fp32 CPU Linear and attention products use), or 0
+// where the build has no oneDNN: on CPUs where OpenBLAS is far from the FMA peak this is the truer limit.
+double onednn_gemm_gflops(int64_t n = 2048, int reps = 5) {
+  at::NoGradGuard no_grad;
+  const at::Tensor a = at::randn({n, n});
+  const at::Tensor b = at::randn({n, n});
+  if (!sa::detail::onednn::linear(a, b, {}).defined()) return 0.0;
+  std::vector<double> times;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = Clock::now();
+    (void)sa::detail::onednn::linear(a, b, {});
     times.push_back(seconds_since(t0));
   }
   return 2.0 * static_cast<double>(n) * n * n / median(times) / 1e9;
@@ -808,6 +825,13 @@ int run(const Options& o) {
   mode_summary(modes[0], summary);
   summary["gemm_gflops_runs"] = gemm;
   summary["gemm_method"] = "fp32 at::mm 2048x2048x2048, median of 5 after one warm-up, before and after the forwards";
+  if (device.is_cpu()) {
+    const double onednn_rate = onednn_gemm_gflops();
+    summary["gemm_onednn_gflops"] = onednn_rate;
+    if (onednn_rate > 0 && median(modes[0].times) > 0) {
+      summary["efficiency_vs_onednn"] = modes[0].flops->total_flops() / median(modes[0].times) / 1e9 / onednn_rate;
+    }
+  }
   if (dtype != at::kFloat) summary["gemm_gflops_dtype"] = gemm_gflops(dtype, device);
   if (modes.size() == 2) {
     Json vanilla;

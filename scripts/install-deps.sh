@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libtorch-dev libopenblas0-pthread   # libtorch 1.13 CPU; OpenBLAS (pthread) gives it a fast fp32 GEMM
+  libdnnl-dev                         # oneDNN headers: our fp32 CPU products call the oneDNN libtorch links
   libopencv-dev libeigen3-dev libfmt-dev nlohmann-json3-dev libcli11-dev libicu-dev
   libgtest-dev libbenchmark-dev
 )

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "internal/attention_kernel.h"
+#include "internal/onednn.h"
 #include "internal/softmax_rows.h"
 #include "internal/torch_compat.h"
 #include "stylealigned/error.h"
@@ -167,10 +168,11 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
         if (fused) {
           // Raw q·k, then the scale inside the exp pass; P·V, then 1/sum on the [cn, dv] output instead of the
           // [cn, nk] probabilities.
-          at::bmm_out(scores, qh.narrow(1, s, cn), kh);
+          const at::Tensor qc = qh.narrow(1, s, cn);
+          if (!detail::onednn::bmm_out(scores, qc, kh)) at::bmm_out(scores, qc, kh);
           detail::exp_rows_inplace(scores.data_ptr<float>(), rows, nk, nk, static_cast<float>(scale),
                                    row_max.data_ptr<float>(), row_sum.data_ptr<float>());
-          at::bmm_out(oc, scores, vh);
+          if (!detail::onednn::bmm_out(oc, scores, vh)) at::bmm_out(oc, scores, vh);
           finish_block_cpu(oc, row_max.data_ptr<float>(), row_sum.data_ptr<float>(), shift, want_lse ? &l : nullptr);
         } else {
           // The scale goes into the query block rather than into the GEMM: baddbmm's beta = 0 still reads the

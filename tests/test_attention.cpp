@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "internal/onednn.h"
 #include "internal/softmax_rows.h"
 #include "stylealigned/attention.h"
 #include "stylealigned/error.h"
@@ -303,4 +304,37 @@ TEST(processor_map, select_self_and_cross_in_order) {
   EXPECT_EQ(cross[2], toy_layers()[5]);
   // diffusers' ".processor" keys select the same way.
   EXPECT_EQ(select_self_attention({"a.attn1.processor", "a.attn2.processor", "attn10"}).size(), 1u);
+}
+
+// The attention kernel's products through oneDNN: strided views as the kernel makes them (q and v in [tokens,
+// heads, dim] memory, k transposed, the output permuted), a broadcast batch, and views it must refuse.
+TEST(onednn, bmm_out_equals_at_bmm_on_strided_views) {
+  at::manual_seed(11);
+  const at::Tensor q = at::randn({300, 5, 40}).permute({1, 0, 2});   // [5, 300, 40], token stride 200
+  const at::Tensor k = at::randn({257, 5, 40}).permute({1, 2, 0});   // [5, 40, 257] (kᵀ)
+  at::Tensor scores = at::empty({5, 300, 257});
+  const bool done = stylealigned::detail::onednn::bmm_out(scores, q, k);
+#if STYLEALIGNED_EXPECT_ONEDNN
+  ASSERT_TRUE(done);
+#endif
+  if (done) EXPECT_LT((scores - at::bmm(q, k)).abs().max().item<float>(), 1e-4);
+
+  const at::Tensor v = at::randn({257, 5, 24}).permute({1, 0, 2});   // [5, 257, 24]
+  at::Tensor out_mem = at::zeros({300, 5, 24});
+  at::Tensor out = out_mem.permute({1, 0, 2});                        // written through the permuted view
+  if (stylealigned::detail::onednn::bmm_out(out, scores, v)) {
+    EXPECT_LT((out_mem.permute({1, 0, 2}) - at::bmm(scores, v)).abs().max().item<float>(), 1e-4);
+  }
+
+  const at::Tensor b1 = at::randn({1, 40, 33});
+  at::Tensor bc = at::empty({5, 300, 33});
+  if (stylealigned::detail::onednn::bmm_out(bc, q, b1)) {
+    EXPECT_LT((bc - at::bmm(q, b1.expand({5, 40, 33}))).abs().max().item<float>(), 1e-4);
+  }
+  // Shapes that do not fit, and other dtypes, are refused without writing.
+  at::Tensor wrong = at::full({5, 300, 256}, 7.0);
+  EXPECT_FALSE(stylealigned::detail::onednn::bmm_out(wrong, q, k));
+  EXPECT_EQ(wrong.max().item<float>(), 7.0f);
+  at::Tensor d = at::empty({5, 300, 257}, at::kDouble);
+  EXPECT_FALSE(stylealigned::detail::onednn::bmm_out(d, q.to(at::kDouble), k.to(at::kDouble)));
 }

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "internal/onednn.h"
 #include "models/layers.h"
 #include "stylealigned/attention.h"
 #include "stylealigned/error.h"
@@ -494,9 +495,31 @@ TEST(unet_parity, style_aligned_forward_matches_the_official_handler) {
   }
 }
 
-// fp32 CPU inference sends large Linear products through oneDNN's 1x1 convolution; it must equal at::linear
-// (summation order aside) for every input rank, with and without bias, and leave autograd and small inputs alone.
+// fp32 CPU inference sends Linear products through oneDNN's matmul (internal/onednn.h); it must equal at::linear
+// (summation order aside) for every input rank, with and without bias, on column slices (GEGLU's halves), and
+// leave autograd and small inputs alone.
 TEST(layers, linear_through_onednn_equals_at_linear) {
+#if STYLEALIGNED_EXPECT_ONEDNN
+  // Built with oneDNN: the fast path must really run (a silent fallback would pass every comparison below).
+  {
+    at::NoGradGuard no_grad;
+    ASSERT_TRUE(stylealigned::detail::onednn::enabled());
+    EXPECT_TRUE(stylealigned::detail::onednn::linear(at::randn({64, 32}), at::randn({16, 32}), {}).defined());
+  }
+#endif
+  {
+    at::NoGradGuard no_grad;
+    const at::Tensor wide = at::randn({2, 300, 640});
+    const at::Tensor half = wide.narrow(-1, 320, 320);  // rows 640 apart
+    const at::Tensor w = at::randn({96, 320}), b = at::randn({96});
+    stylealigned::models::layers::Linear lin(320, 96, true);
+    lin->weight.copy_(w);
+    lin->bias.copy_(b);
+    EXPECT_LT((lin->forward(half) - at::linear(half.contiguous(), w, b)).abs().max().item<float>(), 1e-4);
+    // A slice that is not one matrix with uniform row stride (a transposed view) must still be right.
+    const at::Tensor t = at::randn({320, 600}).t();
+    EXPECT_LT((lin->forward(t) - at::linear(t.contiguous(), w, b)).abs().max().item<float>(), 1e-4);
+  }
   at::manual_seed(3);
   for (bool bias : {true, false}) {
     stylealigned::models::layers::Linear lin(320, 1280, bias);
@@ -518,4 +541,36 @@ TEST(layers, linear_through_onednn_equals_at_linear) {
   const at::Tensor x = at::randn({2048, 16}).set_requires_grad(true);
   lin->forward(x).sum().backward();
   EXPECT_TRUE(x.grad().defined());
+}
+
+// fp32 CPU inference sends convolutions through oneDNN on the plain NCHW / OIHW layout; every kind the models
+// use (3x3 same, 3x3 stride 2 with and without padding, 1x1, with and without bias) must equal at::conv2d.
+TEST(layers, conv_through_onednn_equals_at_conv2d) {
+  at::manual_seed(5);
+  at::NoGradGuard no_grad;
+  struct Case {
+    int64_t n, cin, cout, hw, kernel, stride, padding;
+    bool bias;
+  };
+  for (const Case& c : std::vector<Case>{{2, 4, 32, 16, 3, 1, 1, true},
+                                         {1, 64, 48, 9, 3, 2, 1, true},
+                                         {3, 16, 16, 8, 3, 2, 0, true},
+                                         {2, 40, 24, 12, 1, 1, 0, true},
+                                         {2, 32, 32, 8, 3, 1, 1, false}}) {
+    stylealigned::models::layers::Conv2d conv(c.cin, c.cout, c.kernel, c.stride, c.padding);
+    if (!c.bias) conv->bias = at::Tensor();
+    const at::Tensor x = at::randn({c.n, c.cin, c.hw, c.hw});
+    const at::Tensor expected = at::conv2d(x, conv->weight, conv->bias, {c.stride, c.stride}, {c.padding, c.padding});
+    const at::Tensor got = conv->forward(x);
+    ASSERT_EQ(got.sizes(), expected.sizes()) << c.cin << "->" << c.cout << " k" << c.kernel << " s" << c.stride;
+    EXPECT_LT((got - expected).abs().max().item<float>(), 1e-4) << c.cin << "->" << c.cout << " k" << c.kernel;
+#if STYLEALIGNED_EXPECT_ONEDNN
+    EXPECT_TRUE(stylealigned::detail::onednn::conv2d(x, conv->weight, conv->bias, c.stride, c.padding).defined());
+#endif
+  }
+  // A channels-last input is not the layout oneDNN is set up for here: it falls back, and stays right.
+  stylealigned::models::layers::Conv2d conv(8, 8, 3, 1, 1);
+  const at::Tensor x = at::randn({1, 8, 6, 6}).contiguous(at::MemoryFormat::ChannelsLast);
+  EXPECT_FALSE(stylealigned::detail::onednn::conv2d(x, conv->weight, conv->bias, 1, 1).defined());
+  EXPECT_LT((conv->forward(x) - at::conv2d(x, conv->weight, conv->bias, 1, 1)).abs().max().item<float>(), 1e-4);
 }

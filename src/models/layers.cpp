@@ -2,15 +2,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/record_function.h>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <utility>
 
+#include "internal/onednn.h"
 #include "stylealigned/error.h"
 
 namespace stylealigned::models::layers {
@@ -47,35 +46,14 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias
   if (with_bias) bias = register_parameter("bias", new_parameter({out_features}, default_uniform(in_features)));
 }
 
-namespace {
-// fp32 CPU inference runs a Linear's product through oneDNN's convolution: x [m, in] viewed as an NHWC image of
-// m x 1 pixels, the weight as 1x1 filters. On the UNet's shapes (m = batch x tokens >= thousands, in/out 320-5120)
-// oneDNN's kernel beats at::linear's BLAS call; small products keep at::linear: few rows (time embeddings, text
-// encoders' short sequences) or narrow layers (the toy model's 64-128 channels, where oneDNN's per-call weight
-// reorder costs more than it saves: its demo ran 1.4x slower). STYLEALIGNED_LINEAR=blas turns it off (for A/B
-// benchmarks).
-bool linear_through_onednn(const at::Tensor& x, const at::Tensor& w) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("STYLEALIGNED_LINEAR");
-    return !(v && std::string(v) == "blas");
-  }();
-  return enabled && x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
-         !at::GradMode::is_enabled() && x.dim() >= 2 && x.is_contiguous() && w.is_contiguous() &&
-         x.size(-1) >= 256 && w.size(0) >= 256 && x.numel() / std::max<int64_t>(1, x.size(-1)) >= 1024 &&
-         at::globalContext().userEnabledMkldnn();
-}
-}  // namespace
-
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  if (!linear_through_onednn(x, weight)) return at::linear(x, weight, bias);
-  // Named for profilers (the UNet benchmark's split counts it as linear, not as the convolution it runs).
-  RECORD_FUNCTION("stylealigned::linear", std::vector<c10::IValue>());
-  const int64_t in = x.size(-1), m = x.numel() / in, out = weight.size(0);
-  const at::Tensor image = x.as_strided({1, in, m, 1}, {m * in, 1, in, in});  // channels-last [1, in, m, 1]
-  const at::Tensor y = at::conv2d(image, weight.view({out, in, 1, 1}), bias);  // channels-last [1, out, m, 1]
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out;
-  return y.permute({0, 2, 3, 1}).reshape(shape);
+  // fp32 CPU inference: oneDNN's matmul on the weight as stored (internal/onednn.h says why); tiny products (time
+  // embeddings, pooled text) stay on at::linear, where a primitive lookup would cost more than the product.
+  if (x.numel() * weight.size(0) >= (int64_t{1} << 18)) {
+    at::Tensor y = detail::onednn::linear(x, weight, bias);
+    if (y.defined()) return y;
+  }
+  return at::linear(x, weight, bias);
 }
 
 Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding)
@@ -87,6 +65,8 @@ Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel
 }
 
 at::Tensor Conv2dImpl::forward(const at::Tensor& x) {
+  at::Tensor y = detail::onednn::conv2d(x, weight, bias, stride_, padding_);
+  if (y.defined()) return y;
   return at::conv2d(x, weight, bias, {stride_, stride_}, {padding_, padding_});
 }
 

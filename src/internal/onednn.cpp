@@ -1,0 +1,254 @@
+#include "internal/onednn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
+
+#include <cstdlib>
+#include <string>
+
+#if STYLEALIGNED_HAS_ONEDNN
+#include <dnnl.hpp>
+
+#include <initializer_list>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+#endif
+
+namespace stylealigned::detail::onednn {
+
+#if !STYLEALIGNED_HAS_ONEDNN
+
+bool enabled() { return false; }
+at::Tensor linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
+at::Tensor conv2d(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) { return {}; }
+bool bmm_out(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+
+#else
+
+namespace {
+
+using dims = dnnl::memory::dims;
+using md = dnnl::memory::desc;
+constexpr auto f32 = dnnl::memory::data_type::f32;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::stream& cpu_stream() {
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
+// One cached primitive with the memory descriptors its arguments are created from. `usable` is false when oneDNN
+// offers only its reference implementation (or none): those shapes go back to ATen, remembered so it is asked once.
+struct Entry {
+  bool usable = false;
+  dnnl::primitive primitive;
+  md src, weights, bias, dst;
+};
+
+// Keys are the primitive kind plus every dim and stride that defines it. The UNet has ~100 distinct shapes per
+// resolution; the bound only guards a host that feeds endless new shapes.
+class PrimitiveCache {
+ public:
+  template <class Make>
+  Entry get(const std::vector<int64_t>& key, Make make) {
+    const std::string k(reinterpret_cast<const char*>(key.data()), key.size() * sizeof(int64_t));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = map_.find(k);
+      if (it != map_.end()) return it->second;
+    }
+    Entry e;
+    try {
+      e = make();
+    } catch (const dnnl::error&) {
+      e = Entry{};  // unsupported configuration: ATen takes it
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (map_.size() >= kMaxEntries) map_.clear();
+    map_.emplace(k, e);
+    return e;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 4096;
+  std::mutex mutex_;
+  std::unordered_map<std::string, Entry> map_;
+};
+
+PrimitiveCache& cache() {
+  static PrimitiveCache c;
+  return c;
+}
+
+bool fast_impl(const dnnl::primitive_desc_base& pd) {
+  const std::string impl = pd.impl_info_str();
+  return impl.rfind("ref", 0) != 0;
+}
+
+bool plain_fp32_cpu(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
+}
+
+bool under_autograd(std::initializer_list<const at::Tensor*> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : ts) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
+// The stride between consecutive rows when x [..., K] is one [rows, K] matrix with unit element stride; -1 if not.
+int64_t uniform_row_stride(const at::Tensor& x) {
+  const int64_t d = x.dim();
+  if (d < 2 || x.stride(d - 1) != 1) return -1;
+  const int64_t row = x.stride(d - 2);
+  int64_t expected = row;
+  for (int64_t i = d - 2; i >= 0; --i) {
+    if (x.size(i) != 1 && x.stride(i) != expected) return -1;
+    expected *= x.size(i);
+  }
+  return row;
+}
+
+void execute(const Entry& e, void* src, void* weights, void* bias, void* dst) {
+  auto& engine = cpu_engine();
+  dnnl::memory src_m(e.src, engine, src), weights_m(e.weights, engine, weights), dst_m(e.dst, engine, dst);
+  std::unordered_map<int, dnnl::memory> args{
+      {DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, weights_m}, {DNNL_ARG_DST, dst_m}};
+  if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, dnnl::memory(e.bias, engine, bias));
+  e.primitive.execute(cpu_stream(), args);
+  cpu_stream().wait();
+}
+
+}  // namespace
+
+bool enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("STYLEALIGNED_ONEDNN");
+    return !(v != nullptr && std::string(v) == "0");
+  }();
+  return on;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  if (!enabled() || !plain_fp32_cpu(x) || !plain_fp32_cpu(w) || (bias.defined() && !plain_fp32_cpu(bias)) ||
+      under_autograd({&x, &w, &bias}) || w.dim() != 2 || !w.is_contiguous() || x.size(-1) != w.size(1) ||
+      (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
+    return {};
+  }
+  const int64_t lda = uniform_row_stride(x);
+  if (lda < 0) return {};
+  const int64_t k = w.size(1), n = w.size(0), m = x.numel() / std::max<int64_t>(k, 1);
+  if (m == 0 || k == 0) return {};
+  const std::vector<int64_t> key{1, m, k, n, lda, bias.defined() ? 1 : 0};
+  const Entry e = cache().get(key, [&] {
+    Entry r;
+    r.src = md(dims{m, k}, f32, dims{lda, 1});
+    r.weights = md(dims{k, n}, f32, dims{1, k});  // w [N, K] row-major is wᵀ [K, N] column-major: no copy
+    r.dst = md(dims{m, n}, f32, dims{n, 1});
+    if (bias.defined()) r.bias = md(dims{1, n}, f32, dims{n, 1});
+    const dnnl::matmul::primitive_desc pd(
+        bias.defined() ? dnnl::matmul::desc(r.src, r.weights, r.bias, r.dst) : dnnl::matmul::desc(r.src, r.weights, r.dst),
+        cpu_engine());
+    r.usable = fast_impl(pd);
+    if (r.usable) r.primitive = dnnl::matmul(pd);
+    return r;
+  });
+  if (!e.usable) return {};
+  RECORD_FUNCTION("stylealigned::linear", std::vector<c10::IValue>());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  execute(e, x.data_ptr(), w.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
+  return y;
+}
+
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride, int64_t padding) {
+  if (!enabled() || !plain_fp32_cpu(x) || !plain_fp32_cpu(w) || (bias.defined() && !plain_fp32_cpu(bias)) ||
+      under_autograd({&x, &w, &bias}) || x.dim() != 4 || w.dim() != 4 || !x.is_contiguous() || !w.is_contiguous() ||
+      x.size(1) != w.size(1) || w.size(2) != w.size(3) || stride < 1 || padding < 0 ||
+      (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
+    return {};
+  }
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), o = w.size(0), kk = w.size(2);
+  const int64_t oh = (h + 2 * padding - kk) / stride + 1, ow = (wd + 2 * padding - kk) / stride + 1;
+  if (n == 0 || oh <= 0 || ow <= 0) return {};
+  const std::vector<int64_t> key{2, n, c, h, wd, o, kk, stride, padding, bias.defined() ? 1 : 0};
+  const Entry e = cache().get(key, [&] {
+    Entry r;
+    using tag = dnnl::memory::format_tag;
+    r.src = md(dims{n, c, h, wd}, f32, tag::nchw);
+    r.weights = md(dims{o, c, kk, kk}, f32, tag::oihw);  // plain: the gemm-based kernel reads it as stored
+    r.dst = md(dims{n, o, oh, ow}, f32, tag::nchw);
+    if (bias.defined()) r.bias = md(dims{o}, f32, tag::x);
+    const dims strides{stride, stride}, pad{padding, padding};
+    const auto desc = bias.defined()
+                          ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                            dnnl::algorithm::convolution_direct, r.src, r.weights,
+                                                            r.bias, r.dst, strides, pad, pad)
+                          : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                            dnnl::algorithm::convolution_direct, r.src, r.weights,
+                                                            r.dst, strides, pad, pad);
+    const dnnl::convolution_forward::primitive_desc pd(desc, cpu_engine());
+    r.usable = fast_impl(pd) && pd.src_desc() == r.src && pd.weights_desc() == r.weights && pd.dst_desc() == r.dst;
+    if (r.usable) r.primitive = dnnl::convolution_forward(pd);
+    return r;
+  });
+  if (!e.usable) return {};
+  RECORD_FUNCTION("stylealigned::conv2d", std::vector<c10::IValue>());
+  at::Tensor y = at::empty({n, o, oh, ow}, x.options());
+  execute(e, x.data_ptr(), w.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
+  return y;
+}
+
+bool bmm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (!enabled() || !plain_fp32_cpu(out) || !plain_fp32_cpu(a) || !plain_fp32_cpu(b) || a.dim() != 3 ||
+      b.dim() != 3 || out.dim() != 3) {
+    return false;
+  }
+  const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
+  if (b.size(1) != k || (b.size(0) != batch && b.size(0) != 1) || out.size(0) != batch || out.size(1) != m ||
+      out.size(2) != n || batch == 0 || m == 0 || n == 0 || k == 0) {
+    return false;
+  }
+  // A broadcast batch is a zero stride to oneDNN's descriptors only through dims of 1, so b keeps its own batch.
+  const int64_t bb = b.size(0);
+  auto st = [](const at::Tensor& t, int64_t i) { return t.size(i) == 1 ? int64_t{0} : t.stride(i); };
+  const std::vector<int64_t> key{3,         batch,     m,         k,         n,         bb,        st(a, 0),
+                                 a.stride(1), a.stride(2), st(b, 0), b.stride(1), b.stride(2), st(out, 0), out.stride(1),
+                                 out.stride(2)};
+  const Entry e = cache().get(key, [&] {
+    Entry r;
+    auto desc_of = [](const at::Tensor& t) {
+      dims strides(t.strides().begin(), t.strides().end());
+      for (int64_t i = 0; i < t.dim(); ++i) {
+        if (t.size(i) == 1) strides[i] = 0;
+      }
+      // oneDNN wants a real stride even on a dim of 1; the dense product of the others is always valid there.
+      for (int64_t i = 0; i < t.dim(); ++i) {
+        if (strides[i] == 0) strides[i] = t.size(1) * t.size(2);
+      }
+      return md(dims(t.sizes().begin(), t.sizes().end()), f32, strides);
+    };
+    r.src = desc_of(a);
+    r.weights = desc_of(b);
+    r.dst = desc_of(out);
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(r.src, r.weights, r.dst), cpu_engine());
+    r.usable = fast_impl(pd);
+    if (r.usable) r.primitive = dnnl::matmul(pd);
+    return r;
+  });
+  if (!e.usable) return false;
+  execute(e, a.data_ptr(), b.data_ptr(), nullptr, out.data_ptr());
+  return true;
+}
+
+#endif
+
+}  // namespace stylealigned::detail::onednn

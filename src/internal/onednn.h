@@ -1,0 +1,36 @@
+// fp32 CPU inference products through oneDNN's own primitives (not part of the API).
+//
+// Why not ATen's: Debian's libtorch 1.13 sends fp32 matrix products to OpenBLAS (0.3.21, 140-190 GFLOP/s on a
+// 2-core AVX-512 EPYC), while oneDNN's brgemm kernels reach 300-410 GFLOP/s on the same shapes; and its
+// convolutions go through ideep, which reorders a plain OIHW weight into a blocked layout on every call (0.6 GB/s:
+// a 1280-channel 3x3 convolution at 8x8 ran at 40 GFLOP/s). oneDNN's convolution on the plain NCHW / OIHW layout
+// needs no reorder and no second copy of any weight (300 GFLOP/s there). Primitives are made once per shape and
+// stride pattern and cached.
+//
+// Every entry point returns "not done" (undefined tensor / false) instead of computing slowly or wrongly: when the
+// library was built without oneDNN (libtorch 2.x builds, the GPU machine), when STYLEALIGNED_ONEDNN=0 is set, when
+// the tensors are not fp32 CPU ones, or when oneDNN offers only its reference kernel for the layout. Callers then
+// use the ATen op, so results never depend on which path ran beyond summation order.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace stylealigned::detail::onednn {
+
+/// Built with oneDNN, and STYLEALIGNED_ONEDNN=0 (read once) does not switch it off.
+bool enabled();
+
+/// y = x·wᵀ + bias for fp32 CPU x [..., K] whose rows have one stride and unit element stride (any contiguous
+/// tensor, or a column slice of one), w [N, K] contiguous, bias [N] or undefined. Not under autograd.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
+
+/// at::conv2d for fp32 CPU NCHW-contiguous x and OIHW-contiguous w, square stride and zero padding, groups 1.
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride, int64_t padding);
+
+/// out = a·b for fp32 CPU 3-D tensors with any strides, a [B, M, K], b [B, K, N] (b's batch may be 1: broadcast),
+/// out [B, M, N] written in place. False: nothing was written.
+bool bmm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace stylealigned::detail::onednn
