@@ -657,6 +657,7 @@ int run(const Options& o) {
     dtype = at::kFloat;
   }
   const int threads = sa::configure_threads(o.threads);
+  const bool large_pages = sa::configure_large_tensor_pages();
   g_split.cuda = device.is_cuda();
   tl_benchmark_thread = true;
   at::manual_seed(o.seed);
@@ -665,6 +666,7 @@ int run(const Options& o) {
   head["dtype_requested"] = o.dtype;
   head["device"] = device.str();
   head["threads"] = threads;
+  head["large_tensor_pages"] = large_pages;
   head["cpu"] = sa::cpu_model_name();
   head["native_bf16"] = sa::cpu_has_native_bf16();
   head["loadavg_start"] = loadavg();

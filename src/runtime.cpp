@@ -1,11 +1,20 @@
 #include "stylealigned/runtime.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <sched.h>
+#include <sys/mman.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <fstream>
+#include <mutex>
+#include <new>
 #include <string>
 #include <thread>
+#include <unordered_map>
 
 namespace stylealigned {
 namespace {
@@ -20,7 +29,107 @@ std::string cpuinfo_field(const std::string& key) {
   }
   return {};
 }
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+// Lengths of the live large mappings. libtorch frees some buffers through raw_deleter() with the data pointer
+// alone (raw_allocate/raw_deallocate in conv and mkldnn paths), so the length cannot live in a DataPtr context.
+class MappingTable {
+ public:
+  void add(void* p, std::size_t length) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    lengths_.emplace(p, length);
+  }
+  // The mapping's length, removed from the table; 0 if `p` is not one of ours.
+  std::size_t take(void* p) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = lengths_.find(p);
+    if (it == lengths_.end()) return 0;
+    const std::size_t length = it->second;
+    lengths_.erase(it);
+    return length;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<void*, std::size_t> lengths_;
+};
+
+MappingTable& mappings() {
+  static auto* table = new MappingTable();  // never destroyed: tensors may be freed during static destruction
+  return *table;
+}
+
+c10::DeleterFnPtr g_fallback_deleter = nullptr;
+
+void release(void* p) {
+  if (p == nullptr) return;
+  if (const std::size_t length = mappings().take(p)) {
+    ::munmap(p, length);
+  } else if (g_fallback_deleter != nullptr) {
+    g_fallback_deleter(p);
+  }
+}
+
+// Large blocks: an anonymous mapping trimmed to a 2 MiB-aligned range (THP only backs aligned ranges), advised
+// MADV_HUGEPAGE. Small blocks: the previous allocator, whose heap reuse is already fault-free. Large DataPtrs have
+// their data as context and `release` as deleter, the contract raw_allocate() asserts.
+class LargePageAllocator final : public c10::Allocator {
+ public:
+  LargePageAllocator(c10::Allocator* fallback, std::size_t min_bytes) : fallback_(fallback), min_bytes_(min_bytes) {}
+
+  c10::DataPtr allocate(std::size_t n) const override {
+    if (n < min_bytes_) return small(n);
+    const std::size_t length = (n + kHugePage - 1) / kHugePage * kHugePage;
+    void* raw = ::mmap(nullptr, length + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return small(n);  // the fallback reports out-of-memory in libtorch's words
+    const auto start = reinterpret_cast<std::uintptr_t>(raw);
+    const std::uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
+    if (aligned > start) ::munmap(raw, aligned - start);
+    const std::uintptr_t tail = start + length + kHugePage - (aligned + length);
+    if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + length), tail);
+    void* p = reinterpret_cast<void*>(aligned);
+    ::madvise(p, length, MADV_HUGEPAGE);
+    mappings().add(p, length);
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+ private:
+  // Small blocks keep the fallback's own DataPtr (and deleter); only raw_deallocate() of one passes `release`,
+  // which hands pointers it does not know to the fallback's deleter.
+  c10::DataPtr small(std::size_t n) const { return fallback_->allocate(n); }
+
+  c10::Allocator* fallback_;
+  std::size_t min_bytes_;
+};
+
+bool transparent_huge_pages_available() {
+  std::ifstream in("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string mode;
+  std::getline(in, mode);
+  return !mode.empty() && mode.find("[never]") == std::string::npos;
+}
 }  // namespace
+
+bool configure_large_tensor_pages(std::size_t min_bytes) {
+  static std::mutex mutex;
+  static bool installed = false;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (installed) return true;
+  const char* env = std::getenv("STYLEALIGNED_HUGE_PAGES");
+  if ((env != nullptr && std::string(env) == "0") || !transparent_huge_pages_available()) return false;
+  // Lives for the process: tensors allocated through it may outlive any owner we could give it.
+  c10::Allocator* fallback = c10::GetCPUAllocator();
+  // raw_allocate() callers free through raw_deleter() with the bare pointer; without one to pass small blocks
+  // back to, keep the previous allocator rather than break them.
+  if (fallback->raw_deleter() == nullptr) return false;
+  g_fallback_deleter = fallback->raw_deleter();
+  static LargePageAllocator* allocator = new LargePageAllocator(fallback, std::max(min_bytes, kHugePage));
+  c10::SetCPUAllocator(allocator, /*priority=*/0);
+  installed = true;
+  return true;
+}
 
 int configure_threads(int threads) {
   if (threads <= 0) {

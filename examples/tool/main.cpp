@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
   }
   try {
     stylealigned::configure_threads(threads);
+    stylealigned::configure_large_tensor_pages();
     if (demo_cmd->parsed()) return showcase.layer ? sa_tool::run_demo(demo) : sa_tool::run_showcase(showcase);
     if (study_cmd->parsed()) return sa_tool::run_study(study);
     if (gen_cmd->parsed()) return sa_tool::run_generate(gen, false);

@@ -161,8 +161,13 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) : torch::nn::Module("GEGLU
 }
 
 at::Tensor GEGLUImpl::forward(const at::Tensor& x) {
-  auto parts = proj->forward(x).chunk(2, -1);
-  return parts[0] * at::gelu(parts[1]);
+  const at::Tensor y = proj->forward(x);
+  auto parts = y.chunk(2, -1);
+  if (at::GradMode::is_enabled() && y.requires_grad()) return parts[0] * at::gelu(parts[1]);
+  // Inference: both halves in place. The result is a column slice of y (rows 2x apart), which the next Linear
+  // reads as it is; the out-of-place form allocated and wrote two more [tokens, inner] tensors per block.
+  at::gelu_(parts[1]);
+  return parts[0].mul_(parts[1]);
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) : torch::nn::Module("FeedForward") {

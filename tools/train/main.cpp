@@ -128,6 +128,7 @@ int main(int argc, char** argv) {
   }
   try {
     const int used = stylealigned::configure_threads(threads);
+    stylealigned::configure_large_tensor_pages();
     limit_blas_threads(used);
     if (vae_cmd->parsed()) {
       if (!vae_config_file.empty()) vae.vae_config_json = read_file(vae_config_file);
