@@ -1,6 +1,7 @@
 #include "stylealigned/attention.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -8,7 +9,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "internal/attention_kernel.h"
 #include "internal/onednn.h"
@@ -77,6 +81,71 @@ void finish_block_cpu(const at::Tensor& out, const float* row_max, const float* 
   }
 }
 
+// The fused fp32 CPU kernel on oneDNN: each thread takes whole tiles (one batch row, one head, `tile` queries x
+// all keys), runs q·kᵀ, the exp pass and P·V on its own core with its tile in its cache, and the threads meet once
+// per call instead of after every small product. Splitting each 256 x 4096 product over both cores instead ran the
+// attention core at 125-160 GFLOP/s; whole tiles per thread reach 250-320 (measured on the 2-core EPYC). False when
+// oneDNN cannot plan the products: the caller then runs the block loop.
+bool tiled_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                         const at::Tensor& lse, double scale, double shift, int64_t max_score_elements) {
+  const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3),
+                dv = v.size(3);
+  const bool kv_broadcast = k.size(0) == 1 && batch != 1;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  // 2^20 scores (4 MiB) per tile measured best (128 x 8192 and 256 x 4096 ahead of 64- and 32-row tiles); the
+  // caller's bound on live scores is shared by the threads.
+  int64_t tile = std::clamp<int64_t>((int64_t{1} << 20) / nk, 16, 256);
+  tile = std::min(tile, std::max<int64_t>(1, max_score_elements / (threads * nk)));
+  tile = std::min(tile, nq);
+  const int64_t tiles_per_head = (nq + tile - 1) / tile, last = nq - (tiles_per_head - 1) * tile;
+
+  auto plan_pair = [&](int64_t rows) {
+    return std::make_pair(
+        detail::onednn::plan_gemm(rows, nk, d, q.stride(2), q.stride(3), k.stride(3), k.stride(2), nk),
+        detail::onednn::plan_gemm(rows, dv, nk, nk, 1, v.stride(2), v.stride(3), out.stride(2)));
+  };
+  auto [qk_full, pv_full] = plan_pair(tile);
+  if (!qk_full || !pv_full || out.stride(3) != 1) return false;
+  std::unique_ptr<detail::onednn::GemmPlan> qk_last, pv_last;
+  if (last != tile) {
+    std::tie(qk_last, pv_last) = plan_pair(last);
+    if (!qk_last || !pv_last) return false;
+  }
+
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.defined() ? lse.data_ptr<float>() : nullptr;
+  const int64_t items = batch * heads * tiles_per_head;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(tile * nk)), row_max(tile), row_sum(tile);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it % tiles_per_head, h = (it / tiles_per_head) % heads, b = it / (tiles_per_head * heads);
+      const int64_t s = t * tile, rows = std::min(tile, nq - s), kb = kv_broadcast ? 0 : b;
+      const bool full = rows == tile;
+      const float* qt = qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2);
+      const float* kt = kp + kb * k.stride(0) + h * k.stride(1);
+      const float* vt = vp + kb * v.stride(0) + h * v.stride(1);
+      float* ot = op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
+      (full ? *qk_full : *qk_last).run(qt, kt, scores.data());
+      detail::exp_rows_inplace(scores.data(), rows, nk, nk, static_cast<float>(scale), row_max.data(),
+                               row_sum.data());
+      (full ? *pv_full : *pv_last).run(scores.data(), vt, ot);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float inv = 1.0f / row_sum[i];
+        float* row = ot + i * out.stride(2);
+        for (int64_t j = 0; j < dv; ++j) row[j] *= inv;
+        if (lp != nullptr) {
+          lp[(b * heads + h) * nq + s + i] = static_cast<float>(static_cast<double>(row_max[i]) +
+                                                                std::log(static_cast<double>(row_sum[i])) + shift);
+        }
+      }
+    }
+  });
+  return true;
+}
+
 }  // namespace
 
 namespace detail {
@@ -141,8 +210,9 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
   if (want_lse) lse = at::empty({batch, heads, nq}, q.options().dtype(at::kFloat));
   if (nq == 0 || batch == 0) return {out, lse};
 
-  const BlockShape block = choose_block(heads, nq, nk, options.max_score_elements);
   const bool fused = q.is_cpu() && compute == at::kFloat && detail::fast_exp_rows_available();
+  if (fused && tiled_attention_cpu(q, k, v, out, lse, scale, shift, options.max_score_elements)) return {out, lse};
+  const BlockShape block = choose_block(heads, nq, nk, options.max_score_elements);
   at::Tensor scores_buf = at::empty({block.heads * block.queries * nk}, q.options());
   at::Tensor q_buf = fused ? at::Tensor() : at::empty({block.heads * block.queries * q.size(3)}, q.options());
   const at::Tensor scale_t = at::scalar_tensor(scale, q.options());

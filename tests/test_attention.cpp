@@ -1,5 +1,6 @@
 // Attention core: exact chunked softmax attention, log-sum-exp merging, autograd, the processor map.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -161,6 +162,26 @@ TEST(attention, lse_and_merge_equal_attention_over_concatenated_keys) {
     logits.narrow(-1, 19, 23).add_(shift);
     auto expected = at::matmul(at::softmax(logits, -1), vv);
     EXPECT_ALLCLOSE(merge_attention(own, ref), expected, 2e-6);
+  }
+}
+
+TEST(attention, tiles_with_a_remainder_on_model_strides_and_broadcast_keys) {
+  // 300 queries against 300 keys: one 256-query tile and a 44-query remainder per (row, head) on the fused CPU
+  // kernel; q/k/v as a model passes them ([B, T, H, D] memory seen as [B, H, T, D]) and reference keys broadcast.
+  at::manual_seed(8);
+  const auto q = at::randn({2, 300, 3, 40}).permute({0, 2, 1, 3});
+  const auto k = at::randn({2, 300, 3, 40}).permute({0, 2, 1, 3});
+  const auto v = at::randn({2, 300, 3, 24}).permute({0, 2, 1, 3});
+  const auto k1 = at::randn({1, 300, 3, 40}).permute({0, 2, 1, 3});
+  const auto v1 = at::randn({1, 300, 3, 24}).permute({0, 2, 1, 3});
+  for (int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    auto own = attention_with_lse(q, k, v, 0.2, 0.5);
+    EXPECT_ALLCLOSE(own.out, reference_attention(q, k, v, 0.2), 2e-6) << threads << " threads";
+    EXPECT_ALLCLOSE(own.lse, reference_lse(q, k, 0.2, 0.5), 2e-6);
+    auto ref = attention_with_lse(q, k1, v1, 0.2, 0.0);
+    EXPECT_ALLCLOSE(ref.out, reference_attention(q, k1.expand({2, -1, -1, -1}), v1.expand({2, -1, -1, -1}), 0.2),
+                    2e-6);
   }
 }
 
@@ -337,4 +358,26 @@ TEST(onednn, bmm_out_equals_at_bmm_on_strided_views) {
   EXPECT_EQ(wrong.max().item<float>(), 7.0f);
   at::Tensor d = at::empty({5, 300, 257}, at::kDouble);
   EXPECT_FALSE(stylealigned::detail::onednn::bmm_out(d, q.to(at::kDouble), k.to(at::kDouble)));
+}
+
+TEST(onednn, gemm_plans_run_concurrently_inside_parallel_regions) {
+  // The attention kernel's contract: one plan, run from many threads at once on different tiles, each exact.
+  at::manual_seed(12);
+  const at::Tensor a = at::randn({64, 96, 3, 40}).permute({2, 0, 1, 3});  // [3, 64, 96, 40] in [64, 96, 3, 40]
+  const at::Tensor b = at::randn({3, 40, 130});
+  auto plan = stylealigned::detail::onednn::plan_gemm(96, 130, 40, a.stride(2), a.stride(3), b.stride(1),
+                                                      b.stride(2), 130);
+#if STYLEALIGNED_EXPECT_ONEDNN
+  ASSERT_NE(plan, nullptr);
+#endif
+  if (!plan) return;
+  at::Tensor c = at::empty({3, 64, 96, 130});
+  at::set_num_threads(2);
+  at::parallel_for(0, 3 * 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t h = i / 64, r = i % 64;
+      plan->run(a[h][r].data_ptr<float>(), b[h].data_ptr<float>(), c[h][r].data_ptr<float>());
+    }
+  });
+  EXPECT_LT((c - at::matmul(a, b.unsqueeze(1))).abs().max().item<float>(), 1e-4);
 }

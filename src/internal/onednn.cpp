@@ -24,6 +24,11 @@ bool enabled() { return false; }
 at::Tensor linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
 at::Tensor conv2d(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) { return {}; }
 bool bmm_out(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+struct GemmPlan::Impl {};
+void GemmPlan::run(const float*, const float*, float*) const {}
+std::unique_ptr<GemmPlan> plan_gemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+  return nullptr;
+}
 
 #else
 
@@ -49,6 +54,7 @@ struct Entry {
   bool usable = false;
   dnnl::primitive primitive;
   md src, weights, bias, dst;
+  md scratchpad;  // only for primitives made with a user scratchpad (GemmPlan)
 };
 
 // Keys are the primitive kind plus every dim and stride that defines it. The UNet has ~100 distinct shapes per
@@ -247,6 +253,47 @@ bool bmm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (!e.usable) return false;
   execute(e, a.data_ptr(), b.data_ptr(), nullptr, out.data_ptr());
   return true;
+}
+
+struct GemmPlan::Impl {
+  Entry entry;
+};
+
+void GemmPlan::run(const float* a, const float* b, float* c) const {
+  const Entry& e = impl_->entry;
+  auto& engine = cpu_engine();
+  thread_local std::vector<char> scratch;
+  if (scratch.size() < e.scratchpad.get_size()) scratch.resize(e.scratchpad.get_size());
+  dnnl::memory a_m(e.src, engine, const_cast<float*>(a)), b_m(e.weights, engine, const_cast<float*>(b));
+  dnnl::memory c_m(e.dst, engine, c), s_m(e.scratchpad, engine, scratch.data());
+  e.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, a_m}, {DNNL_ARG_WEIGHTS, b_m}, {DNNL_ARG_DST, c_m},
+                                     {DNNL_ARG_SCRATCHPAD, s_m}});
+  cpu_stream().wait();
+}
+
+std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_row, int64_t a_col, int64_t b_row,
+                                    int64_t b_col, int64_t c_row) {
+  if (!enabled() || m <= 0 || n <= 0 || k <= 0) return nullptr;
+  const std::vector<int64_t> key{4, m, n, k, a_row, a_col, b_row, b_col, c_row};
+  const Entry e = cache().get(key, [&] {
+    Entry r;
+    r.src = md(dims{m, k}, f32, dims{a_row, a_col});
+    r.weights = md(dims{k, n}, f32, dims{b_row, b_col});
+    r.dst = md(dims{m, n}, f32, dims{c_row, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(r.src, r.weights, r.dst), attr, cpu_engine());
+    r.usable = fast_impl(pd);
+    if (r.usable) {
+      r.primitive = dnnl::matmul(pd);
+      r.scratchpad = pd.scratchpad_desc();
+    }
+    return r;
+  });
+  if (!e.usable) return nullptr;
+  auto impl = std::make_shared<GemmPlan::Impl>();
+  impl->entry = e;
+  return std::make_unique<GemmPlan>(std::move(impl));
 }
 
 #endif

@@ -16,6 +16,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
+#include <utility>
 
 namespace stylealigned::detail::onednn {
 
@@ -32,5 +34,24 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
 /// out = a·b for fp32 CPU 3-D tensors with any strides, a [B, M, K], b [B, K, N] (b's batch may be 1: broadcast),
 /// out [B, M, N] written in place. False: nothing was written.
 bool bmm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+/// A planned fp32 product c[m, n] = a[m, k]·b[k, n] on raw pointers with fixed shapes and element strides, made
+/// once outside a parallel region and run from inside one (an at::parallel_for body): every run brings its own
+/// scratchpad, so concurrent runs do not share state, and oneDNN runs a nested call on the calling thread. This is
+/// what lets the attention kernel give each thread whole (query block x all keys) tiles instead of splitting every
+/// small product across the cores with a barrier after each.
+class GemmPlan {
+ public:
+  struct Impl;
+  explicit GemmPlan(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+  void run(const float* a, const float* b, float* c) const;
+
+ private:
+  std::shared_ptr<const Impl> impl_;
+};
+
+/// Null when oneDNN is off or offers only its reference kernel. Strides are (row, column) in elements.
+std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_row, int64_t a_col, int64_t b_row,
+                                    int64_t b_col, int64_t c_row);
 
 }  // namespace stylealigned::detail::onednn

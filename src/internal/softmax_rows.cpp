@@ -112,6 +112,88 @@ __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows
   }
 }
 
+// The same kernel on 16 lanes: on CPUs with full-width AVX-512 units (Zen 5, Xeons) it halves the exp pass,
+// which at head_dim 40 otherwise costs as much as both attention GEMMs together (0.47 ns vs 0.25 ns per score per
+// core measured in the SD1.5 attention core on the 2-core EPYC).
+// GCC 12 flags the _mm512_undefined_ps() pass-through operands inside its own intrinsics (a known false
+// positive); nothing here reads an uninitialised value.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // like the AVX2 max: NaN (second operand) propagates
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(pow2n));
+}
+
+__attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t rows, int64_t cols, int64_t ld,
+                                                         float alpha, float* row_max, float* row_sum) {
+  const int64_t vec_end = cols - cols % 16;
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = data + r * ld;
+    __m512 vmax0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vmax1 = vmax0;
+    int64_t j = 0;
+    for (; j + 32 <= vec_end; j += 32) {
+      vmax0 = _mm512_max_ps(vmax0, _mm512_mul_ps(va, _mm512_loadu_ps(x + j)));
+      vmax1 = _mm512_max_ps(vmax1, _mm512_mul_ps(va, _mm512_loadu_ps(x + j + 16)));
+    }
+    for (; j < vec_end; j += 16) vmax0 = _mm512_max_ps(vmax0, _mm512_mul_ps(va, _mm512_loadu_ps(x + j)));
+    float m = _mm512_reduce_max_ps(_mm512_max_ps(vmax0, vmax1));
+    for (j = vec_end; j < cols; ++j) m = std::max(m, alpha * x[j]);
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    j = 0;
+    for (; j + 64 <= vec_end; j += 64) {
+      const __m512 e0 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j), vm));
+      const __m512 e1 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 16), vm));
+      const __m512 e2 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 32), vm));
+      const __m512 e3 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 48), vm));
+      _mm512_storeu_ps(x + j, e0);
+      _mm512_storeu_ps(x + j + 16, e1);
+      _mm512_storeu_ps(x + j + 32, e2);
+      _mm512_storeu_ps(x + j + 48, e3);
+      s0 = _mm512_add_ps(s0, e0);
+      s1 = _mm512_add_ps(s1, e1);
+      s2 = _mm512_add_ps(s2, e2);
+      s3 = _mm512_add_ps(s3, e3);
+    }
+    for (; j < vec_end; j += 16) {
+      const __m512 e = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j), vm));
+      _mm512_storeu_ps(x + j, e);
+      s0 = _mm512_add_ps(s0, e);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    for (; j < cols; ++j) {
+      x[j] = std::exp(alpha * x[j] - m);
+      s += x[j];
+    }
+    row_max[r] = m;
+    row_sum[r] = s;
+  }
+}
+
+#pragma GCC diagnostic pop
+
+bool cpu_has_avx512f() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+  }();
+  return has;
+}
+
 bool cpu_has_avx2_fma() {
   static const bool has = [] {
     __builtin_cpu_init();  // may run before libgcc's own initialiser when called from a static constructor
@@ -135,10 +217,17 @@ bool fast_exp_rows_available() {
 void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
                       float* row_sum) {
   const bool fast = fast_exp_rows_available();
+#if STYLEALIGNED_X86_AVX2_KERNEL
+  const bool wide = fast && cpu_has_avx512f();
+#endif
   // About 64k elements per task: enough work to amortise a thread hand-off, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
 #if STYLEALIGNED_X86_AVX2_KERNEL
+    if (wide) {
+      exp_rows_avx512(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin);
+      return;
+    }
     if (fast) {
       exp_rows_avx2(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin);
       return;

@@ -10,7 +10,8 @@
 
 namespace stylealigned::detail {
 
-/// True when the vectorised (AVX2 + FMA) kernel runs on this CPU; otherwise exp_rows_inplace uses std::exp.
+/// True when a vectorised kernel (AVX2 + FMA; AVX-512 where the CPU has it) runs on this CPU; otherwise
+/// exp_rows_inplace uses std::exp.
 bool fast_exp_rows_available();
 
 /// For each of `rows` rows of `cols` floats (row r starts at data + r * ld), with y = alpha * row (the logit scale
