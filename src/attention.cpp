@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -84,37 +85,59 @@ void finish_block_cpu(const at::Tensor& out, const float* row_max, const float* 
 // The fused fp32 CPU kernel on oneDNN: each thread takes whole tiles (one batch row, one head, `tile` queries x
 // all keys), runs q·kᵀ, the exp pass and P·V on its own core with its tile in its cache, and the threads meet once
 // per call instead of after every small product. Splitting each 256 x 4096 product over both cores instead ran the
-// attention core at 125-160 GFLOP/s; whole tiles per thread reach 250-320 (measured on the 2-core EPYC). False when
-// oneDNN cannot plan the products: the caller then runs the block loop.
-bool tiled_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+// attention core at 125-160 GFLOP/s; whole tiles per thread reach 180-320 (measured on the 2-core EPYC).
+// The keys may come in blocks (StyleAligned: own keys, then the reference's), each with its logit scale ratio and
+// shift applied by its q·kᵀ product, so one softmax runs over all of them: exactly the merge of per-block results,
+// without their partial outputs, log-sum-exps and merge pass. False when oneDNN cannot plan the products: the
+// caller then runs the block loop (or the per-block merge).
+struct KeyBlock {
+  at::Tensor k, v;           // [B or 1, heads, nk, d] / [B or 1, heads, nk, dv]
+  float logit_ratio = 1.0f;  // this block's logits are logit_ratio · (q·k) · scale + shift
+  float shift = 0.0f;
+};
+
+bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& blocks, const at::Tensor& out,
                          const at::Tensor& lse, double scale, double shift, int64_t max_score_elements) {
-  const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3),
-                dv = v.size(3);
-  const bool kv_broadcast = k.size(0) == 1 && batch != 1;
+  const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), d = q.size(3), dv = out.size(3);
+  if (out.stride(3) != 1 || blocks.empty() || scale == 0.0) return false;
+  int64_t nk = 0;
+  for (const KeyBlock& kb : blocks) nk += kb.k.size(2);
   const int64_t threads = std::max(1, at::get_num_threads());
-  // 2^20 scores (4 MiB) per tile measured best (128 x 8192 and 256 x 4096 ahead of 64- and 32-row tiles); the
+  // 2^20 scores (4 MiB) per tile measured best (256 x 4096 and 128 x 8192 ahead of 64- and 32-row tiles); the
   // caller's bound on live scores is shared by the threads.
   int64_t tile = std::clamp<int64_t>((int64_t{1} << 20) / nk, 16, 256);
   tile = std::min(tile, std::max<int64_t>(1, max_score_elements / (threads * nk)));
   tile = std::min(tile, nq);
   const int64_t tiles_per_head = (nq + tile - 1) / tile, last = nq - (tiles_per_head - 1) * tile;
 
-  auto plan_pair = [&](int64_t rows) {
-    return std::make_pair(
-        detail::onednn::plan_gemm(rows, nk, d, q.stride(2), q.stride(3), k.stride(3), k.stride(2), nk),
-        detail::onednn::plan_gemm(rows, dv, nk, nk, 1, v.stride(2), v.stride(3), out.stride(2)));
+  using Plan = std::unique_ptr<detail::onednn::GemmPlan>;
+  struct BlockPlans {
+    Plan qk, pv, qk_last, pv_last;
   };
-  auto [qk_full, pv_full] = plan_pair(tile);
-  if (!qk_full || !pv_full || out.stride(3) != 1) return false;
-  std::unique_ptr<detail::onednn::GemmPlan> qk_last, pv_last;
-  if (last != tile) {
-    std::tie(qk_last, pv_last) = plan_pair(last);
-    if (!qk_last || !pv_last) return false;
+  std::vector<BlockPlans> plans(blocks.size());
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const at::Tensor &k = blocks[i].k, &v = blocks[i].v;
+    const int64_t n = k.size(2);
+    // The block's shift enters before the exp pass multiplies by `scale`, hence shift / scale here.
+    const float a = blocks[i].logit_ratio, b = static_cast<float>(blocks[i].shift / scale);
+    auto qk = [&](int64_t rows) {
+      return detail::onednn::plan_gemm(rows, n, d, q.stride(2), q.stride(3), k.stride(3), k.stride(2), nk, a, b);
+    };
+    auto pv = [&](int64_t rows) {
+      return detail::onednn::plan_gemm(rows, dv, n, nk, 1, v.stride(2), v.stride(3), out.stride(2), 1.0f, 0.0f,
+                                       /*accumulate=*/i > 0);
+    };
+    plans[i].qk = qk(tile);
+    plans[i].pv = pv(tile);
+    if (!plans[i].qk || !plans[i].pv) return false;
+    if (last != tile) {
+      plans[i].qk_last = qk(last);
+      plans[i].pv_last = pv(last);
+      if (!plans[i].qk_last || !plans[i].pv_last) return false;
+    }
   }
 
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   float* lp = lse.defined() ? lse.data_ptr<float>() : nullptr;
   const int64_t items = batch * heads * tiles_per_head;
@@ -122,16 +145,28 @@ bool tiled_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     std::vector<float> scores(static_cast<size_t>(tile * nk)), row_max(tile), row_sum(tile);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % tiles_per_head, h = (it / tiles_per_head) % heads, b = it / (tiles_per_head * heads);
-      const int64_t s = t * tile, rows = std::min(tile, nq - s), kb = kv_broadcast ? 0 : b;
+      const int64_t s = t * tile, rows = std::min(tile, nq - s);
       const bool full = rows == tile;
       const float* qt = qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2);
-      const float* kt = kp + kb * k.stride(0) + h * k.stride(1);
-      const float* vt = vp + kb * v.stride(0) + h * v.stride(1);
       float* ot = op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
-      (full ? *qk_full : *qk_last).run(qt, kt, scores.data());
+      int64_t col = 0;
+      for (size_t i = 0; i < blocks.size(); ++i) {
+        const at::Tensor& k = blocks[i].k;
+        const int64_t kb = k.size(0) == 1 ? 0 : b;
+        const float* kt = k.data_ptr<float>() + kb * k.stride(0) + h * k.stride(1);
+        (full ? *plans[i].qk : *plans[i].qk_last).run(qt, kt, scores.data() + col);
+        col += k.size(2);
+      }
       detail::exp_rows_inplace(scores.data(), rows, nk, nk, static_cast<float>(scale), row_max.data(),
                                row_sum.data());
-      (full ? *pv_full : *pv_last).run(scores.data(), vt, ot);
+      col = 0;
+      for (size_t i = 0; i < blocks.size(); ++i) {
+        const at::Tensor& v = blocks[i].v;
+        const int64_t vb = v.size(0) == 1 ? 0 : b;
+        const float* vt = v.data_ptr<float>() + vb * v.stride(0) + h * v.stride(1);
+        (full ? *plans[i].pv : *plans[i].pv_last).run(scores.data() + col, vt, ot);
+        col += v.size(2);
+      }
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = 1.0f / row_sum[i];
         float* row = ot + i * out.stride(2);
@@ -211,7 +246,9 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
   if (nq == 0 || batch == 0) return {out, lse};
 
   const bool fused = q.is_cpu() && compute == at::kFloat && detail::fast_exp_rows_available();
-  if (fused && tiled_attention_cpu(q, k, v, out, lse, scale, shift, options.max_score_elements)) return {out, lse};
+  if (fused && tiled_attention_cpu(q, {KeyBlock{k, v}}, out, lse, scale, shift, options.max_score_elements)) {
+    return {out, lse};
+  }
   const BlockShape block = choose_block(heads, nq, nk, options.max_score_elements);
   at::Tensor scores_buf = at::empty({block.heads * block.queries * nk}, q.options());
   at::Tensor q_buf = fused ? at::Tensor() : at::empty({block.heads * block.queries * q.size(3)}, q.options());
@@ -261,6 +298,27 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
     }
   }
   return {out, lse};
+}
+
+bool attention_over_own_and_reference_cpu(const at::Tensor& q, const at::Tensor& k_own, const at::Tensor& v_own,
+                                          const at::Tensor& k_ref, const at::Tensor& v_ref, double scale,
+                                          double ref_ratio, double ref_shift, const AttentionOptions& options,
+                                          const at::Tensor& out) {
+  const std::initializer_list<const at::Tensor*> all{&q, &k_own, &v_own, &k_ref, &v_ref, &out};
+  for (const at::Tensor* t : all) {
+    if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->dim() != 4) return false;
+  }
+  if (!detail::fast_exp_rows_available() || out.sizes() != at::IntArrayRef({q.size(0), q.size(1), q.size(2),
+                                                                             v_own.size(3)})) {
+    return false;
+  }
+  check_attention_inputs(q, k_own, v_own, "attention_over_own_and_reference", /*allow_kv_broadcast=*/false);
+  check_attention_inputs(q, k_ref, v_ref, "attention_over_own_and_reference", /*allow_kv_broadcast=*/true);
+  if (q.size(2) == 0) return true;
+  return tiled_attention_cpu(q,
+                             {KeyBlock{k_own, v_own},
+                              KeyBlock{k_ref, v_ref, static_cast<float>(ref_ratio), static_cast<float>(ref_shift)}},
+                             out, at::Tensor(), scale, 0.0, options.max_score_elements);
 }
 
 }  // namespace detail

@@ -255,6 +255,11 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
       const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t, 1), k_mean, k_std) : k.narrow(0, t, 1);
       const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t, 1), v_mean, v_std) : v.narrow(0, t, 1);
       at::Tensor result;
+      if (o.share_attention &&
+          detail::attention_over_own_and_reference_cpu(qt, kt, vt, kr, vr, call.scale, o.shared_score_scale,
+                                                       o.shared_score_shift, attention_, out.narrow(0, t, 1))) {
+        continue;  // written in place: one softmax over [own ; reference] keys
+      }
       if (o.share_attention) {
         // Own block, and the reference block with λ folded into the logit scale and the shift added to every
         // reference logit; the reference's k/v are views of its row, never copied.

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "internal/attention_kernel.h"
 #include "internal/onednn.h"
 #include "internal/softmax_rows.h"
 #include "stylealigned/attention.h"
@@ -183,6 +184,37 @@ TEST(attention, tiles_with_a_remainder_on_model_strides_and_broadcast_keys) {
     EXPECT_ALLCLOSE(ref.out, reference_attention(q, k1.expand({2, -1, -1, -1}), v1.expand({2, -1, -1, -1}), 0.2),
                     2e-6);
   }
+}
+
+TEST(attention, one_pass_over_own_and_reference_keys_equals_softmax_over_both) {
+  // StyleAligned's target rows on the CPU: [own ; λ-scaled, shifted reference] logits in one softmax, written
+  // into a [B, T, H, D] output view; 300 queries give a tile remainder.
+  at::manual_seed(9);
+  const double scale = 0.18, lambda = 0.7, shift = -0.4;
+  const auto q = at::randn({2, 300, 3, 40}).permute({0, 2, 1, 3});
+  const auto k = at::randn({2, 300, 3, 40}).permute({0, 2, 1, 3});
+  const auto v = at::randn({2, 300, 3, 24}).permute({0, 2, 1, 3});
+  const auto kr = at::randn({1, 280, 3, 40}).permute({0, 2, 1, 3});
+  const auto vr = at::randn({1, 280, 3, 24}).permute({0, 2, 1, 3});
+  at::Tensor out = at::full({2, 300, 3, 24}, 9.0).permute({0, 2, 1, 3});
+  const bool done = stylealigned::detail::attention_over_own_and_reference_cpu(q, k, v, kr, vr, scale, lambda, shift,
+                                                                 AttentionOptions{}, out);
+#if STYLEALIGNED_EXPECT_ONEDNN
+  ASSERT_TRUE(done);
+#endif
+  if (!done) return;
+  auto kk = at::cat({k, kr.expand({2, -1, -1, -1}) * lambda}, 2).to(at::kDouble);
+  auto vv = at::cat({v, vr.expand({2, -1, -1, -1})}, 2).to(at::kDouble);
+  auto logits = at::matmul(q.to(at::kDouble), kk.transpose(-2, -1)) * scale;
+  logits.narrow(-1, 300, 280).add_(shift);
+  EXPECT_ALLCLOSE(out, at::matmul(at::softmax(logits, -1), vv), 2e-6);
+  // Not its case (double): refused, nothing written.
+  at::Tensor od = at::full({2, 3, 300, 24}, 9.0, at::kDouble);
+  EXPECT_FALSE(stylealigned::detail::attention_over_own_and_reference_cpu(q.to(at::kDouble), k.to(at::kDouble),
+                                                            v.to(at::kDouble), kr.to(at::kDouble),
+                                                            vr.to(at::kDouble), scale, lambda, shift,
+                                                            AttentionOptions{}, od));
+  EXPECT_EQ(od.min().item<double>(), 9.0);
 }
 
 TEST(attention, lse_of_half_inputs_is_computed_in_float) {

@@ -34,4 +34,13 @@ BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int6
 KernelResult chunked_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                double shift, const AttentionOptions& options, bool want_lse, bool upcast);
 
+/// softmax over [q·k_ownᵀ · scale ; q·k_refᵀ · scale · ref_ratio + ref_shift] times [v_own ; v_ref], written into
+/// `out` ([batch, heads, q_tokens, v_dim] with unit last stride): StyleAligned's target rows in one pass over both
+/// key blocks instead of two attention passes and a log-sum-exp merge. k_ref/v_ref may have batch 1. fp32 CPU with
+/// oneDNN only; false (nothing written) otherwise, and the caller merges per-block results.
+bool attention_over_own_and_reference_cpu(const at::Tensor& q, const at::Tensor& k_own, const at::Tensor& v_own,
+                                          const at::Tensor& k_ref, const at::Tensor& v_ref, double scale,
+                                          double ref_ratio, double ref_shift, const AttentionOptions& options,
+                                          const at::Tensor& out);
+
 }  // namespace stylealigned::detail

@@ -5,6 +5,7 @@
 #include <ATen/record_function.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #if STYLEALIGNED_HAS_ONEDNN
@@ -26,7 +27,8 @@ at::Tensor conv2d(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64
 bool bmm_out(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 struct GemmPlan::Impl {};
 void GemmPlan::run(const float*, const float*, float*) const {}
-std::unique_ptr<GemmPlan> plan_gemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+std::unique_ptr<GemmPlan> plan_gemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
+                                    float, bool) {
   return nullptr;
 }
 
@@ -272,9 +274,17 @@ void GemmPlan::run(const float* a, const float* b, float* c) const {
 }
 
 std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_row, int64_t a_col, int64_t b_row,
-                                    int64_t b_col, int64_t c_row) {
+                                    int64_t b_col, int64_t c_row, float out_scale, float out_shift, bool accumulate) {
   if (!enabled() || m <= 0 || n <= 0 || k <= 0) return nullptr;
-  const std::vector<int64_t> key{4, m, n, k, a_row, a_col, b_row, b_col, c_row};
+  if (accumulate && (out_scale != 1.0f || out_shift != 0.0f)) return nullptr;
+  const bool affine = out_scale != 1.0f || out_shift != 0.0f;
+  auto bits = [](float f) {
+    int32_t i;
+    std::memcpy(&i, &f, sizeof i);
+    return static_cast<int64_t>(i);
+  };
+  const std::vector<int64_t> key{4,     m, n, k, a_row, a_col, b_row, b_col, c_row, bits(out_scale), bits(out_shift),
+                                 accumulate ? 1 : 0};
   const Entry e = cache().get(key, [&] {
     Entry r;
     r.src = md(dims{m, k}, f32, dims{a_row, a_col});
@@ -282,6 +292,12 @@ std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_r
     r.dst = md(dims{m, n}, f32, dims{c_row, 1});
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (affine || accumulate) {
+      dnnl::post_ops ops;
+      if (accumulate) ops.append_sum(1.0f);
+      if (affine) ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_linear, out_scale, out_shift);
+      attr.set_post_ops(ops);
+    }
     const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(r.src, r.weights, r.dst), attr, cpu_engine());
     r.usable = fast_impl(pd);
     if (r.usable) {

@@ -50,8 +50,10 @@ class GemmPlan {
   std::shared_ptr<const Impl> impl_;
 };
 
-/// Null when oneDNN is off or offers only its reference kernel. Strides are (row, column) in elements.
+/// Null when oneDNN is off or offers only its reference kernel. Strides are (row, column) in elements. The result
+/// is c = out_scale · (a·b) + out_shift, or with `accumulate` c += a·b (out_scale 1, out_shift 0 only).
 std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_row, int64_t a_col, int64_t b_row,
-                                    int64_t b_col, int64_t c_row);
+                                    int64_t b_col, int64_t c_row, float out_scale = 1.0f, float out_shift = 0.0f,
+                                    bool accumulate = false);
 
 }  // namespace stylealigned::detail::onednn
