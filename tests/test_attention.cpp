@@ -13,6 +13,7 @@
 #include "internal/softmax_rows.h"
 #include "stylealigned/attention.h"
 #include "stylealigned/error.h"
+#include "stylealigned/runtime.h"
 #include "support/test_support.h"
 
 using namespace stylealigned;
@@ -412,4 +413,31 @@ TEST(onednn, gemm_plans_run_concurrently_inside_parallel_regions) {
     }
   });
   EXPECT_LT((c - at::matmul(a, b.unsqueeze(1))).abs().max().item<float>(), 1e-4);
+}
+
+TEST(onednn, bf16_linear_and_conv_match_fp32_where_the_cpu_has_native_bf16) {
+  at::manual_seed(13);
+  const at::Tensor x = at::randn({2, 300, 320}), w = at::randn({640, 320}) * 0.05, bias = at::randn({640});
+  const at::Tensor y = stylealigned::detail::onednn::linear(x.to(at::kBFloat16), w.to(at::kBFloat16),
+                                                           bias.to(at::kBFloat16));
+  const at::Tensor xc = at::randn({2, 64, 17, 19}), wc = at::randn({96, 64, 3, 3}) * 0.05, bc = at::randn({96});
+  const at::Tensor yc = stylealigned::detail::onednn::conv2d(xc.to(at::kBFloat16), wc.to(at::kBFloat16),
+                                                            bc.to(at::kBFloat16), 1, 1);
+#if STYLEALIGNED_EXPECT_ONEDNN
+  // On a CPU without native bf16 both refuse (ATen keeps the case); with it both run.
+  ASSERT_EQ(y.defined(), stylealigned::cpu_has_native_bf16());
+  ASSERT_EQ(yc.defined(), stylealigned::cpu_has_native_bf16());
+#endif
+  // bf16 inputs and output: relative error of a few bf16 ulps (2^-8) against the fp32 product of the same inputs.
+  if (y.defined()) {
+    const at::Tensor ref = at::linear(x.to(at::kBFloat16).to(at::kFloat), w.to(at::kBFloat16).to(at::kFloat),
+                                      bias.to(at::kBFloat16).to(at::kFloat));
+    EXPECT_EQ(y.scalar_type(), at::kBFloat16);
+    EXPECT_LT(((y.to(at::kFloat) - ref).norm() / ref.norm()).item<float>(), 1e-2);
+  }
+  if (yc.defined()) {
+    const at::Tensor ref = at::conv2d(xc.to(at::kBFloat16).to(at::kFloat), wc.to(at::kBFloat16).to(at::kFloat),
+                                      bc.to(at::kBFloat16).to(at::kFloat), 1, 1);
+    EXPECT_LT(((yc.to(at::kFloat) - ref).norm() / ref.norm()).item<float>(), 1e-2);
+  }
 }

@@ -1,5 +1,7 @@
 #include "internal/onednn.h"
 
+#include "stylealigned/runtime.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/record_function.h>
@@ -103,6 +105,19 @@ bool plain_fp32_cpu(const at::Tensor& t) {
   return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
 }
 
+// fp32 or bf16 CPU strided tensors, all of one dtype (bias may be undefined): that dtype, else `undef`.
+dnnl::memory::data_type product_dtype(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  auto ok = [](const at::Tensor& t) { return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided; };
+  if (!ok(x) || !ok(w) || x.scalar_type() != w.scalar_type() ||
+      (bias.defined() && (!ok(bias) || bias.scalar_type() != x.scalar_type()))) {
+    return dnnl::memory::data_type::undef;
+  }
+  if (x.scalar_type() == at::kFloat) return dnnl::memory::data_type::f32;
+  // Without native bf16 oneDNN would emulate it slowly; ATen then keeps the case (and the tool runs fp32 there).
+  if (x.scalar_type() == at::kBFloat16 && cpu_has_native_bf16()) return dnnl::memory::data_type::bf16;
+  return dnnl::memory::data_type::undef;
+}
+
 bool under_autograd(std::initializer_list<const at::Tensor*> ts) {
   if (!at::GradMode::is_enabled()) return false;
   for (const at::Tensor* t : ts) {
@@ -145,7 +160,8 @@ bool enabled() {
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  if (!enabled() || !plain_fp32_cpu(x) || !plain_fp32_cpu(w) || (bias.defined() && !plain_fp32_cpu(bias)) ||
+  const auto dt = product_dtype(x, w, bias);
+  if (!enabled() || dt == dnnl::memory::data_type::undef ||
       under_autograd({&x, &w, &bias}) || w.dim() != 2 || !w.is_contiguous() || x.size(-1) != w.size(1) ||
       (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
     return {};
@@ -154,13 +170,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   if (lda < 0) return {};
   const int64_t k = w.size(1), n = w.size(0), m = x.numel() / std::max<int64_t>(k, 1);
   if (m == 0 || k == 0) return {};
-  const std::vector<int64_t> key{1, m, k, n, lda, bias.defined() ? 1 : 0};
+  const std::vector<int64_t> key{1, m, k, n, lda, bias.defined() ? 1 : 0, static_cast<int64_t>(dt)};
   const Entry e = cache().get(key, [&] {
     Entry r;
-    r.src = md(dims{m, k}, f32, dims{lda, 1});
-    r.weights = md(dims{k, n}, f32, dims{1, k});  // w [N, K] row-major is wᵀ [K, N] column-major: no copy
-    r.dst = md(dims{m, n}, f32, dims{n, 1});
-    if (bias.defined()) r.bias = md(dims{1, n}, f32, dims{n, 1});
+    r.src = md(dims{m, k}, dt, dims{lda, 1});
+    r.weights = md(dims{k, n}, dt, dims{1, k});  // w [N, K] row-major is wᵀ [K, N] column-major: no copy
+    r.dst = md(dims{m, n}, dt, dims{n, 1});
+    if (bias.defined()) r.bias = md(dims{1, n}, dt, dims{n, 1});
     const dnnl::matmul::primitive_desc pd(
         bias.defined() ? dnnl::matmul::desc(r.src, r.weights, r.bias, r.dst) : dnnl::matmul::desc(r.src, r.weights, r.dst),
         cpu_engine());
@@ -178,7 +194,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
 }
 
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride, int64_t padding) {
-  if (!enabled() || !plain_fp32_cpu(x) || !plain_fp32_cpu(w) || (bias.defined() && !plain_fp32_cpu(bias)) ||
+  const auto dt = product_dtype(x, w, bias);
+  if (!enabled() || dt == dnnl::memory::data_type::undef ||
       under_autograd({&x, &w, &bias}) || x.dim() != 4 || w.dim() != 4 || !x.is_contiguous() || !w.is_contiguous() ||
       x.size(1) != w.size(1) || w.size(2) != w.size(3) || stride < 1 || padding < 0 ||
       (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
@@ -187,14 +204,15 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), o = w.size(0), kk = w.size(2);
   const int64_t oh = (h + 2 * padding - kk) / stride + 1, ow = (wd + 2 * padding - kk) / stride + 1;
   if (n == 0 || oh <= 0 || ow <= 0) return {};
-  const std::vector<int64_t> key{2, n, c, h, wd, o, kk, stride, padding, bias.defined() ? 1 : 0};
+  const std::vector<int64_t> key{2, n, c, h, wd, o, kk, stride, padding, bias.defined() ? 1 : 0,
+                                 static_cast<int64_t>(dt)};
   const Entry e = cache().get(key, [&] {
     Entry r;
     using tag = dnnl::memory::format_tag;
-    r.src = md(dims{n, c, h, wd}, f32, tag::nchw);
-    r.weights = md(dims{o, c, kk, kk}, f32, tag::oihw);  // plain: the gemm-based kernel reads it as stored
-    r.dst = md(dims{n, o, oh, ow}, f32, tag::nchw);
-    if (bias.defined()) r.bias = md(dims{o}, f32, tag::x);
+    r.src = md(dims{n, c, h, wd}, dt, tag::nchw);
+    r.weights = md(dims{o, c, kk, kk}, dt, tag::oihw);  // plain: the gemm-based kernel reads it as stored
+    r.dst = md(dims{n, o, oh, ow}, dt, tag::nchw);
+    if (bias.defined()) r.bias = md(dims{o}, dt, tag::x);
     const dims strides{stride, stride}, pad{padding, padding};
     const auto desc = bias.defined()
                           ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,

@@ -1,4 +1,4 @@
-// fp32 CPU inference products through oneDNN's own primitives (not part of the API).
+// fp32 (and native bf16) CPU inference products through oneDNN's own primitives (not part of the API).
 //
 // Why not ATen's: Debian's libtorch 1.13 sends fp32 matrix products to OpenBLAS (0.3.21, 140-190 GFLOP/s on a
 // 2-core AVX-512 EPYC), while oneDNN's brgemm kernels reach 300-410 GFLOP/s on the same shapes; and its
@@ -24,11 +24,11 @@ namespace stylealigned::detail::onednn {
 /// Built with oneDNN, and STYLEALIGNED_ONEDNN=0 (read once) does not switch it off.
 bool enabled();
 
-/// y = x·wᵀ + bias for fp32 CPU x [..., K] whose rows have one stride and unit element stride (any contiguous
+/// y = x·wᵀ + bias for fp32 or bf16 (all one dtype; bf16 where the CPU runs it natively) CPU x [..., K] whose rows have one stride and unit element stride (any contiguous
 /// tensor, or a column slice of one), w [N, K] contiguous, bias [N] or undefined. Not under autograd.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
 
-/// at::conv2d for fp32 CPU NCHW-contiguous x and OIHW-contiguous w, square stride and zero padding, groups 1.
+/// at::conv2d for fp32 or bf16 (all one dtype) CPU NCHW-contiguous x and OIHW-contiguous w, square stride and zero padding, groups 1.
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride, int64_t padding);
 
 /// out = a·b for fp32 CPU 3-D tensors with any strides, a [B, M, K], b [B, K, N] (b's batch may be 1: broadcast),
