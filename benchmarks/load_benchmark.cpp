@@ -4,6 +4,7 @@
 //   stylealigned_bench_load --model models/sdxl_tiny --breakdown  # each component on its own (see below)
 //   stylealigned_bench_load --unet path/to/unet                   # one UNet folder
 //   stylealigned_bench_load --write-random-unet sd15 --out /tmp/sd15_unet   # make a full-size random UNet folder
+//   stylealigned_bench_load --write-random-pipeline sd15 --out /tmp/sd15     # a whole random SD1.5 pipeline folder
 //
 // Each run measures one thing in a fresh process: the pipeline's increase is never measured after other loads (their
 // freed memory would be reused and hide part of the cost). --breakdown loads the components one after the other,
@@ -44,6 +45,64 @@ std::string published_config(const std::string& which) {
       "up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"]})";
   }
   throw std::runtime_error("--write-random-unet: only 'sd15' is built in");
+}
+
+// SD1.5's text encoder (OpenAI CLIP ViT-L/14) and VAE, as published. eos_token_id 2 is what SD1.5's file says
+// (transformers then pools at argmax(ids)).
+const char* kSd15TextEncoderConfig = R"({"architectures":["CLIPTextModel"],"hidden_act":"quick_gelu","hidden_size":768,
+  "intermediate_size":3072,"layer_norm_eps":1e-05,"max_position_embeddings":77,"model_type":"clip_text_model",
+  "num_attention_heads":12,"num_hidden_layers":12,"projection_dim":768,"bos_token_id":0,"eos_token_id":2,
+  "vocab_size":49408})";
+const char* kSd15VaeConfig = R"({"_class_name":"AutoencoderKL","act_fn":"silu","block_out_channels":[128,256,512,512],
+  "down_block_types":["DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D"],
+  "in_channels":3,"latent_channels":4,"layers_per_block":2,"norm_num_groups":32,"out_channels":3,"sample_size":512,
+  "scaling_factor":0.18215,
+  "up_block_types":["UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D"]})";
+
+void write_module(const torch::nn::Module& module, const fs::path& file) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& p : module.named_parameters()) tensors.emplace_back(p.key(), p.value());
+  stylealigned::io::save_safetensors(file, tensors);
+}
+
+void write_text(const fs::path& file, const std::string& text) {
+  fs::create_directories(file.parent_path());
+  std::ofstream out(file);
+  out << text;
+  if (!out) throw std::runtime_error("cannot write " + file.string());
+}
+
+// A full-size SD1.5 folder with random weights, for whole-process timings of `stylealigned generate` without
+// downloading 4 GB. The tokenizer and scheduler are the embedded toy model's (a small BPE vocabulary whose ids all
+// fall inside SD1.5's 49408-row embedding table): tokenizing costs the same microseconds either way.
+void write_random_pipeline(const std::string& which, const fs::path& out, const fs::path& toy) {
+  if (which != "sd15") throw std::runtime_error("--write-random-pipeline: only 'sd15' is built in");
+  namespace m = stylealigned::models;
+  if (!fs::is_directory(toy / "tokenizer")) {
+    throw std::runtime_error("--toy-model " + toy.string() + ": no tokenizer/ folder to copy");
+  }
+  fs::create_directories(out);
+  fs::copy(toy / "tokenizer", out / "tokenizer", fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  fs::create_directories(out / "scheduler");
+  fs::copy_file(toy / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json",
+                fs::copy_options::overwrite_existing);
+  write_text(out / "model_index.json", R"({"_class_name":"StableDiffusionPipeline","_diffusers_version":"0.25.1",
+  "requires_safety_checker":false,"scheduler":["diffusers","DDIMScheduler"],
+  "text_encoder":["transformers","CLIPTextModel"],"tokenizer":["transformers","CLIPTokenizer"],
+  "unet":["diffusers","UNet2DConditionModel"],"vae":["diffusers","AutoencoderKL"]})");
+
+  const auto unet_text = published_config(which);
+  write_text(out / "unet" / "config.json", unet_text);
+  write_module(*m::UNet2DConditionModel::from_config(m::UNetConfig::from_json(unet_text, "sd15 unet")),
+               out / "unet" / "diffusion_pytorch_model.safetensors");
+
+  write_text(out / "text_encoder" / "config.json", kSd15TextEncoderConfig);
+  m::CLIPTextModelImpl text(m::CLIPTextConfig::from_file(out / "text_encoder" / "config.json"));
+  write_module(text, out / "text_encoder" / "model.safetensors");
+
+  write_text(out / "vae" / "config.json", kSd15VaeConfig);
+  write_module(*m::AutoencoderKL::from_config(m::VAEConfig::from_json(kSd15VaeConfig, "sd15 vae")),
+               out / "vae" / "diffusion_pytorch_model.safetensors");
 }
 
 void print_total(const MemoryDelta& m, uint64_t bytes) {
@@ -91,13 +150,15 @@ void breakdown(const fs::path& dir) {
 
 int main(int argc, char** argv) {
   CLI::App app{"stylealigned_bench_load: peak RSS of loading weights relative to their size"};
-  std::string model, unet, write_random, out;
+  std::string model, unet, write_random, write_pipeline, out, toy = "models/toy";
   bool per_component = false;
   app.add_option("--model", model, "a diffusers pipeline folder (measures Pipeline::load)");
   app.add_flag("--breakdown", per_component, "with --model: each component's peak and retained increase instead");
   app.add_option("--unet", unet, "a diffusers unet folder");
   app.add_option("--write-random-unet", write_random, "write a random full-size UNet folder (sd15)");
-  app.add_option("--out", out, "output folder for --write-random-unet");
+  app.add_option("--write-random-pipeline", write_pipeline, "write a random full-size pipeline folder (sd15)");
+  app.add_option("--out", out, "output folder for --write-random-unet / --write-random-pipeline");
+  app.add_option("--toy-model", toy, "where --write-random-pipeline copies tokenizer/ and scheduler/ from");
   CLI11_PARSE(app, argc, argv);
   stylealigned::configure_threads();
   try {
@@ -111,6 +172,12 @@ int main(int argc, char** argv) {
       std::vector<std::pair<std::string, at::Tensor>> tensors;
       for (const auto& p : model_->named_parameters()) tensors.emplace_back(p.key(), p.value());
       stylealigned::io::save_safetensors(fs::path(out) / "diffusion_pytorch_model.safetensors", tensors);
+      fmt::print("{{\"written\": \"{}\", \"bytes\": {}}}\n", out, safetensors_bytes(out));
+      return 0;
+    }
+    if (!write_pipeline.empty()) {
+      if (out.empty()) throw std::runtime_error("--out is required");
+      write_random_pipeline(write_pipeline, out, toy);
       fmt::print("{{\"written\": \"{}\", \"bytes\": {}}}\n", out, safetensors_bytes(out));
       return 0;
     }

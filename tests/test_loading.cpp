@@ -107,10 +107,42 @@ TEST_F(LoadingTest, RoundTripLoadsEveryParameterAndBuffer) {
   EXPECT_TRUE(models::check_weights(*target, io::Checkpoint::open(file)).ok());
   models::load_weights(*target, io::Checkpoint::open(file));
   expect_state_equal(*target, saved_);
-  // Parameters stay parameters (trainable), and loaded tensors own their memory, not the mapping.
+  // Parameters stay parameters (trainable). fp32 files loaded as fp32 alias the mapping (map_weights, the default).
   EXPECT_TRUE(target->fc->weight.requires_grad());
-  EXPECT_TRUE(target->fc->weight.storage().resizable());
+  EXPECT_FALSE(target->fc->weight.storage().resizable());
   EXPECT_EQ(target->named_parameters().size(), source_->named_parameters().size());
+
+  // map_weights off: every tensor owns its memory.
+  Tiny copied;
+  models::LoadOptions copy;
+  copy.map_weights = false;
+  models::load_weights(*copied, io::Checkpoint::open(file), copy);
+  expect_state_equal(*copied, saved_);
+  EXPECT_TRUE(copied->fc->weight.storage().resizable());
+  EXPECT_TRUE(copied->ids.storage().resizable());
+}
+
+TEST_F(LoadingTest, WritingAMappedParameterLeavesTheFileAlone) {
+  // A training step (or any in-place edit) on mapped weights copies the touched pages privately; the file, and a
+  // second model loaded from it, keep the saved values.
+  const auto file = dir_ / "model.safetensors";
+  io::save_safetensors(file, saved_);
+  Tiny trained;
+  models::load_weights(*trained, io::Checkpoint::open(file));
+  ASSERT_FALSE(trained->fc->weight.storage().resizable()) << "the weight should alias the mapping";
+  const at::Tensor loss = trained->fc->forward(at::ones({2, 4})).sum();
+  loss.backward();
+  ASSERT_TRUE(trained->fc->weight.grad().defined());
+  {
+    at::NoGradGuard no_grad;
+    trained->fc->weight.sub_(trained->fc->weight.grad(), 0.5);
+    trained->scale.add_(1.0);
+  }
+  EXPECT_FALSE(trained->fc->weight.equal(source_->fc->weight));
+  Tiny fresh;
+  models::load_weights(*fresh, io::Checkpoint::open(file));
+  expect_state_equal(*fresh, saved_);
+  EXPECT_TRUE(io::Checkpoint::open(file).tensor("scale").equal(source_->scale));
 }
 
 TEST_F(LoadingTest, ReleasedFilePagesStayReadable) {
@@ -126,7 +158,9 @@ TEST_F(LoadingTest, ReleasedFilePagesStayReadable) {
   EXPECT_EQ(checkpoint.tensor("weight").storage().allocator(), nullptr);
   EXPECT_FALSE(checkpoint.tensor("weight").storage().resizable());
   torch::nn::Linear target(300, 200);
-  models::load_weights(*target, checkpoint);
+  models::LoadOptions copy;  // the copying path is the one that drops pages
+  copy.map_weights = false;
+  models::load_weights(*target, checkpoint, copy);
   expect_state_equal(*target, state);
   EXPECT_TRUE(checkpoint.tensor("weight").equal(state[0].second));
   EXPECT_TRUE(checkpoint.tensor("bias").equal(state[1].second));

@@ -38,6 +38,9 @@ struct PipelineLoadOptions {
   /// transfer code encodes in fp32).
   c10::ScalarType dtype = c10::kFloat;
   c10::Device device = c10::kCPU;
+  /// Weights stored in the load dtype alias the files' mappings instead of being copied (see
+  /// models::LoadOptions::map_weights). False copies every tensor.
+  bool map_weights = true;
 };
 
 /// What the progress callback sees after every denoising step.

@@ -77,9 +77,27 @@ void append_list(std::string& out, std::string_view title, const std::vector<std
 // been copied: otherwise every page read stays resident and loading peaks at two copies of the weights (the file's
 // pages plus the converted tensors). The kernel re-reads the pages from the file if the tensor is used again.
 // Tensors the reader had to copy (misaligned data) own their memory and are left alone; they are freed anyway.
+// A tensor the reader handed out as a view of the file mapping (not a copy it had to make).
+bool aliases_mapping(const at::Tensor& source) {
+  return source.has_storage() && source.storage().allocator() == nullptr && !source.storage().resizable();
+}
+
+// Asks the kernel to read a mapped tensor's pages ahead, so a cold file streams in while the model is assembled
+// instead of faulting page by page in the first forward.
+void prefetch_mapped_pages(const at::Tensor& source) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(source.data_ptr()) / page * page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(source.data_ptr()) + source.numel() * source.element_size();
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+#else
+  (void)source;
+#endif
+}
+
 void release_mapped_pages(const at::Tensor& source) {
 #if defined(__linux__)
-  if (!source.has_storage() || source.storage().allocator() != nullptr || source.storage().resizable()) return;
+  if (!aliases_mapping(source)) return;
   static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const auto begin = reinterpret_cast<uintptr_t>(source.data_ptr());
   const uintptr_t end = begin + source.numel() * source.element_size();
@@ -154,6 +172,14 @@ void load_weights(torch::nn::Module& module, const io::Checkpoint& checkpoint, c
     at::Tensor source = checkpoint.tensor(slot.name);
     const c10::ScalarType target =
         c10::isFloatingType(slot.tensor.scalar_type()) ? options.dtype : slot.tensor.scalar_type();
+    if (options.map_weights && options.device.is_cpu() && source.scalar_type() == target &&
+        slot.tensor.scalar_type() == target && source.is_contiguous() && aliases_mapping(source)) {
+      // The module's placeholder (allocated, never written: from_pretrained builds without initialising) is
+      // dropped; the parameter now reads the mapping, which the tensor keeps alive.
+      prefetch_mapped_pages(source);
+      slot.tensor.set_data(source);
+      continue;
+    }
     if (slot.tensor.scalar_type() == target && slot.tensor.device() == options.device &&
         slot.tensor.is_contiguous() && source.is_contiguous()) {
       // The module already holds a tensor of the final dtype and place: convert into it in slices of about 1 MiB,

@@ -99,7 +99,22 @@ struct Pipeline::Impl {
     return vae->encode(x).mean * vae->config().scaling_factor;
   }
 
-  at::Tensor vae_decode(const at::Tensor& latents) { return vae->decode(latents / vae->config().scaling_factor); }
+  // One image at a time: the decoder's full-resolution activations (128 channels at 512x512 is 134 MB per image
+  // and block) dominate a set's peak memory when the whole batch decodes at once (SD1.5, 4 images at 512: 8.5 GB
+  // peak RSS against 4.3 GB of weights), while a single 512x512 image already keeps the convolutions efficient. The
+  // decoder treats images independently, so the pixels are the same.
+  at::Tensor vae_decode(const at::Tensor& latents) {
+    const at::Tensor scaled = latents / vae->config().scaling_factor;
+    if (scaled.size(0) <= 1) return vae->decode(scaled);
+    at::Tensor first = vae->decode(scaled.narrow(0, 0, 1));
+    std::vector<int64_t> shape = first.sizes().vec();
+    shape[0] = scaled.size(0);
+    at::Tensor out = at::empty(shape, first.options());
+    out.narrow(0, 0, 1).copy_(first);
+    first = at::Tensor();
+    for (int64_t i = 1; i < scaled.size(0); ++i) out.narrow(0, i, 1).copy_(vae->decode(scaled.narrow(0, i, 1)));
+    return out;
+  }
 };
 
 namespace {
@@ -163,6 +178,7 @@ Pipeline Pipeline::load(const fs::path& folder, const PipelineLoadOptions& optio
   models::LoadOptions lo;
   lo.dtype = options.dtype;
   lo.device = options.device;
+  lo.map_weights = options.map_weights;
   std::vector<std::pair<std::string, std::string>> te = {{"tokenizer", "text_encoder"}};
   if (impl->family == ModelFamily::sdxl) te.emplace_back("tokenizer_2", "text_encoder_2");
   for (const auto& [tok, enc] : te) {

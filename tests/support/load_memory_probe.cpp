@@ -1,9 +1,11 @@
-// sa_load_memory_probe FOLDER: loads FOLDER with Pipeline::load in this fresh process and prints one JSON line with
+// sa_load_memory_probe FOLDER [--copy]: loads FOLDER with Pipeline::load in this fresh process and prints one JSON line with
 // the weights' bytes and the RSS before, the peak RSS during and the RSS after loading (MiB). test_load_memory runs it;
 // measuring inside the test process instead would count (or hide, by reusing freed memory) what other tests did.
+// --copy loads with map_weights off (every tensor copied out of the file).
 #include <fmt/format.h>
 
 #include <optional>
+#include <string>
 
 #include "internal/process_memory.h"
 #include "stylealigned/pipeline.h"
@@ -11,15 +13,20 @@
 
 int main(int argc, char** argv) {
   namespace sai = stylealigned::internal;
-  if (argc != 2) {
-    fmt::print(stderr, "usage: sa_load_memory_probe MODEL_FOLDER\n");
+  const bool copy = argc == 3 && std::string(argv[2]) == "--copy";
+  if (argc != 2 && !copy) {
+    fmt::print(stderr, "usage: sa_load_memory_probe MODEL_FOLDER [--copy]\n");
     return 2;
   }
   try {
     stylealigned::configure_threads();
     sai::warm_up_torch();
     std::optional<stylealigned::Pipeline> pipeline;
-    const sai::MemoryDelta m = sai::measure_memory([&] { pipeline.emplace(stylealigned::Pipeline::load(argv[1])); });
+    const sai::MemoryDelta m = sai::measure_memory([&] { 
+      stylealigned::PipelineLoadOptions options;
+      options.map_weights = !copy;
+      pipeline.emplace(stylealigned::Pipeline::load(argv[1], options));
+     });
     fmt::print(
         "{{\"weights_bytes\": {}, \"rss_before_mb\": {:.2f}, \"peak_rss_mb\": {:.2f}, \"rss_after_mb\": {:.2f}, "
         "\"anon_change_mb\": {:.2f}, \"file_change_mb\": {:.2f}, \"peak_reset\": {}}}\n",
