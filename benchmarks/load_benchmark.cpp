@@ -72,6 +72,15 @@ void write_text(const fs::path& file, const std::string& text) {
   if (!out) throw std::runtime_error("cannot write " + file.string());
 }
 
+// A UNet folder (config.json + weights) of the published config `which`, with random weights.
+void write_random_unet(const std::string& which, const fs::path& dir) {
+  namespace m = stylealigned::models;
+  const auto text = published_config(which);
+  write_text(dir / "config.json", text);
+  write_module(*m::UNet2DConditionModel::from_config(m::UNetConfig::from_json(text, which)),
+               dir / "diffusion_pytorch_model.safetensors");
+}
+
 // A full-size SD1.5 folder with random weights, for whole-process timings of `stylealigned generate` without
 // downloading 4 GB. The tokenizer and scheduler are the embedded toy model's (a small BPE vocabulary whose ids all
 // fall inside SD1.5's 49408-row embedding table): tokenizing costs the same microseconds either way.
@@ -91,10 +100,7 @@ void write_random_pipeline(const std::string& which, const fs::path& out, const 
   "text_encoder":["transformers","CLIPTextModel"],"tokenizer":["transformers","CLIPTokenizer"],
   "unet":["diffusers","UNet2DConditionModel"],"vae":["diffusers","AutoencoderKL"]})");
 
-  const auto unet_text = published_config(which);
-  write_text(out / "unet" / "config.json", unet_text);
-  write_module(*m::UNet2DConditionModel::from_config(m::UNetConfig::from_json(unet_text, "sd15 unet")),
-               out / "unet" / "diffusion_pytorch_model.safetensors");
+  write_random_unet(which, out / "unet");
 
   write_text(out / "text_encoder" / "config.json", kSd15TextEncoderConfig);
   m::CLIPTextModelImpl text(m::CLIPTextConfig::from_file(out / "text_encoder" / "config.json"));
@@ -164,14 +170,7 @@ int main(int argc, char** argv) {
   try {
     if (!write_random.empty()) {
       if (out.empty()) throw std::runtime_error("--out is required");
-      const auto text = published_config(write_random);
-      auto model_ = stylealigned::models::UNet2DConditionModel::from_config(
-          stylealigned::models::UNetConfig::from_json(text, write_random));
-      fs::create_directories(out);
-      std::ofstream(fs::path(out) / "config.json") << text;
-      std::vector<std::pair<std::string, at::Tensor>> tensors;
-      for (const auto& p : model_->named_parameters()) tensors.emplace_back(p.key(), p.value());
-      stylealigned::io::save_safetensors(fs::path(out) / "diffusion_pytorch_model.safetensors", tensors);
+      write_random_unet(write_random, out);
       fmt::print("{{\"written\": \"{}\", \"bytes\": {}}}\n", out, safetensors_bytes(out));
       return 0;
     }

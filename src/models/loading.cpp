@@ -73,37 +73,45 @@ void append_list(std::string& out, std::string_view title, const std::vector<std
   if (names.size() > kMaxListed) out += fmt::format("\n    ... and {} more", names.size() - kMaxListed);
 }
 
-// Drops the pages of a tensor that aliases a checkpoint's (private, read-only-in-practice) file mapping once it has
-// been copied: otherwise every page read stays resident and loading peaks at two copies of the weights (the file's
-// pages plus the converted tensors). The kernel re-reads the pages from the file if the tensor is used again.
-// Tensors the reader had to copy (misaligned data) own their memory and are left alone; they are freed anyway.
-// A tensor the reader handed out as a view of the file mapping (not a copy it had to make).
+// A tensor the reader handed out as a view of the file mapping (not a copy it had to make for misaligned data).
 bool aliases_mapping(const at::Tensor& source) {
   return source.has_storage() && source.storage().allocator() == nullptr && !source.storage().resizable();
+}
+
+// madvise over the pages of a mapped tensor: `inner_only` keeps to the pages entirely inside it, for advice that
+// must not touch a neighbouring tensor's pages.
+void advise_pages(const at::Tensor& source, int advice, bool inner_only) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(source.data_ptr());
+  const uintptr_t end = begin + source.numel() * source.element_size();
+  const uintptr_t first = inner_only ? (begin + page - 1) / page * page : begin / page * page;
+  const uintptr_t last = inner_only ? end / page * page : end;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, advice);
+#else
+  (void)source;
+  (void)advice;
+  (void)inner_only;
+#endif
 }
 
 // Asks the kernel to read a mapped tensor's pages ahead, so a cold file streams in while the model is assembled
 // instead of faulting page by page in the first forward.
 void prefetch_mapped_pages(const at::Tensor& source) {
 #if defined(__linux__)
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(source.data_ptr()) / page * page;
-  const uintptr_t end = reinterpret_cast<uintptr_t>(source.data_ptr()) + source.numel() * source.element_size();
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+  advise_pages(source, MADV_WILLNEED, /*inner_only=*/false);
 #else
   (void)source;
 #endif
 }
 
+// Drops the pages of a tensor that aliases a checkpoint's (private, read-only-in-practice) file mapping once it has
+// been copied: otherwise every page read stays resident and loading peaks at two copies of the weights (the file's
+// pages plus the converted tensors). The kernel re-reads the pages from the file if the tensor is used again.
+// Tensors the reader had to copy (misaligned data) own their memory and are left alone; they are freed anyway.
 void release_mapped_pages(const at::Tensor& source) {
 #if defined(__linux__)
-  if (!aliases_mapping(source)) return;
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(source.data_ptr());
-  const uintptr_t end = begin + source.numel() * source.element_size();
-  const uintptr_t first = (begin + page - 1) / page * page;  // only pages entirely inside this tensor
-  const uintptr_t last = end / page * page;
-  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  if (aliases_mapping(source)) advise_pages(source, MADV_DONTNEED, /*inner_only=*/true);
 #else
   (void)source;
 #endif

@@ -1,7 +1,7 @@
-// sa_load_memory_probe FOLDER [--copy]: loads FOLDER with Pipeline::load in this fresh process and prints one JSON line with
-// the weights' bytes and the RSS before, the peak RSS during and the RSS after loading (MiB). test_load_memory runs it;
-// measuring inside the test process instead would count (or hide, by reusing freed memory) what other tests did.
-// --copy loads with map_weights off (every tensor copied out of the file).
+// sa_load_memory_probe FOLDER [--copy]: loads FOLDER with Pipeline::load in this fresh process and prints one JSON
+// line with the weights' bytes and the RSS before, the peak RSS during and the RSS after loading (MiB).
+// test_load_memory runs it; measuring inside the test process instead would count (or hide, by reusing freed memory)
+// what other tests did. --copy loads with map_weights off (every tensor copied out of the file).
 #include <fmt/format.h>
 
 #include <optional>
@@ -22,11 +22,10 @@ int main(int argc, char** argv) {
     stylealigned::configure_threads();
     sai::warm_up_torch();
     std::optional<stylealigned::Pipeline> pipeline;
-    const sai::MemoryDelta m = sai::measure_memory([&] { 
-      stylealigned::PipelineLoadOptions options;
-      options.map_weights = !copy;
-      pipeline.emplace(stylealigned::Pipeline::load(argv[1], options));
-     });
+    stylealigned::PipelineLoadOptions options;
+    options.map_weights = !copy;
+    const sai::MemoryDelta m =
+        sai::measure_memory([&] { pipeline.emplace(stylealigned::Pipeline::load(argv[1], options)); });
     fmt::print(
         "{{\"weights_bytes\": {}, \"rss_before_mb\": {:.2f}, \"peak_rss_mb\": {:.2f}, \"rss_after_mb\": {:.2f}, "
         "\"anon_change_mb\": {:.2f}, \"file_change_mb\": {:.2f}, \"peak_reset\": {}}}\n",
