@@ -23,12 +23,17 @@
 
 #include "stylealigned/attention.h"
 #include "stylealigned/batch_layout.h"
+#include "stylealigned/runtime.h"
 #include "stylealigned/style_aligned.h"
 #include "support/tracking_allocator.h"
 
 namespace {
 
-constexpr int64_t kHeads = 10, kHeadDim = 64, kImages = 4;  // SDXL 64x64 level: 10 heads of 64; 4 images x CFG
+constexpr int64_t kImages = 4;  // 4 images x CFG
+
+// Benchmark arguments: (tokens, heads, head_dim); SDXL's 64x64 level is (4096, 10, 64), SD1.5's (4096, 8, 40).
+int64_t heads_of(const benchmark::State& state) { return state.range(1); }
+int64_t dim_of(const benchmark::State& state) { return state.range(2); }
 
 // User + system CPU seconds of the whole process (all threads): on a shared machine, GFLOP per CPU-second is the
 // load-independent measure of how well the cores we did get were used.
@@ -50,10 +55,10 @@ struct Qkv {
 };
 
 // Projected hidden states split into heads as a model does it (a view + transpose, so not contiguous).
-Qkv make_qkv(int64_t batch, int64_t tokens) {
+Qkv make_qkv(int64_t batch, int64_t tokens, int64_t heads, int64_t dim) {
   at::manual_seed(0);
-  at::Tensor x = at::randn({3, batch, tokens, kHeads * kHeadDim});
-  auto split = [&](const at::Tensor& t) { return t.view({batch, tokens, kHeads, kHeadDim}).transpose(1, 2); };
+  at::Tensor x = at::randn({3, batch, tokens, heads * dim});
+  auto split = [&](const at::Tensor& t) { return t.view({batch, tokens, heads, dim}).transpose(1, 2); };
   return {split(x[0]), split(x[1]), split(x[2])};
 }
 
@@ -74,11 +79,11 @@ void report(benchmark::State& state, double flops_per_call, size_t live_before, 
 void run_processor(benchmark::State& state, stylealigned::AttentionProcessor& processor, double flops_per_call) {
   at::NoGradGuard no_grad;
   const int64_t tokens = state.range(0), batch = 2 * kImages;
-  const Qkv x = make_qkv(batch, tokens);
+  const Qkv x = make_qkv(batch, tokens, heads_of(state), dim_of(state));
   const auto layout = stylealigned::BatchLayout::cfg(kImages);
   const stylealigned::AttentionCall call{"down_blocks.1.attentions.0.transformer_blocks.0.attn1",
                                          stylealigned::AttentionKind::self_attention, layout,
-                                         1.0 / std::sqrt(static_cast<double>(kHeadDim))};
+                                         1.0 / std::sqrt(static_cast<double>(dim_of(state)))};
   tracker().reset_peak();
   const size_t live_before = tracker().live();
   const double cpu_before = process_cpu_seconds();
@@ -89,13 +94,14 @@ void run_processor(benchmark::State& state, stylealigned::AttentionProcessor& pr
   report(state, flops_per_call, live_before, process_cpu_seconds() - cpu_before);
 }
 
-double attention_flops(int64_t rows, int64_t tokens) {
-  return 4.0 * static_cast<double>(rows * kHeads * kHeadDim) * static_cast<double>(tokens) * static_cast<double>(tokens);
+double attention_flops(const benchmark::State& state, int64_t rows) {
+  const auto tokens = static_cast<double>(state.range(0));
+  return 4.0 * static_cast<double>(rows * heads_of(state) * dim_of(state)) * tokens * tokens;
 }
 
 void BM_default_attention(benchmark::State& state) {
   stylealigned::DefaultAttentionProcessor processor;
-  run_processor(state, processor, attention_flops(2 * kImages, state.range(0)));
+  run_processor(state, processor, attention_flops(state, 2 * kImages));
 }
 
 // StyleAligned as the SDXL demo runs it: the 2 reference rows do plain attention, the 6 target rows attend to their
@@ -103,14 +109,14 @@ void BM_default_attention(benchmark::State& state) {
 void BM_style_aligned_attention(benchmark::State& state) {
   stylealigned::StyleAlignedProcessor processor(stylealigned::StyleAlignedOptions::sdxl_demo());
   const int64_t refs = 2, targets = 2 * kImages - refs;
-  run_processor(state, processor, attention_flops(refs + 2 * targets, state.range(0)));
+  run_processor(state, processor, attention_flops(state, refs + 2 * targets));
 }
 
 // The transfer notebook's settings (shift ln 2): same work, the shift is folded into the reference block's lse.
 void BM_style_aligned_attention_shift(benchmark::State& state) {
   stylealigned::StyleAlignedProcessor processor(stylealigned::StyleAlignedOptions::transfer_notebook());
   const int64_t refs = 2, targets = 2 * kImages - refs;
-  run_processor(state, processor, attention_flops(refs + 2 * targets, state.range(0)));
+  run_processor(state, processor, attention_flops(state, refs + 2 * targets));
 }
 
 // fp32 GEMM yardstick: a large square product, the machine's practical GEMM rate.
@@ -132,10 +138,10 @@ void BM_gemm_fp32_square(benchmark::State& state) {
 // The attention kernel's own GEMMs at its block size (256 query rows per head against all keys): Q·Kᵀ writes a
 // [256 x N] block with an inner dimension of only 64, P·V reads it back.
 void BM_gemm_fp32_attention_blocks(benchmark::State& state) {
-  const int64_t n = state.range(0), rows = 256;
-  at::Tensor q = at::randn({kHeads, rows, kHeadDim}), kt = at::randn({kHeads, kHeadDim, n});
-  at::Tensor v = at::randn({kHeads, n, kHeadDim});
-  at::Tensor s = at::empty({kHeads, rows, n}), o = at::empty({kHeads, rows, kHeadDim});
+  const int64_t n = state.range(0), rows = 256, heads = heads_of(state), dim = dim_of(state);
+  at::Tensor q = at::randn({heads, rows, dim}), kt = at::randn({heads, dim, n});
+  at::Tensor v = at::randn({heads, n, dim});
+  at::Tensor s = at::empty({heads, rows, n}), o = at::empty({heads, rows, dim});
   at::bmm_out(s, q, kt);  // warm-up
   at::bmm_out(o, s, v);
   tracker().reset_peak();
@@ -146,23 +152,40 @@ void BM_gemm_fp32_attention_blocks(benchmark::State& state) {
     at::bmm_out(o, s, v);
     benchmark::DoNotOptimize(o.data_ptr());
   }
-  report(state, 4.0 * static_cast<double>(kHeads * rows * kHeadDim) * static_cast<double>(n), live_before,
+  report(state, 4.0 * static_cast<double>(heads * rows * dim) * static_cast<double>(n), live_before,
          process_cpu_seconds() - cpu_before);
 }
 
 BENCHMARK(BM_gemm_fp32_square)->Arg(2048)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
-BENCHMARK(BM_gemm_fp32_attention_blocks)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
-BENCHMARK(BM_default_attention)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_style_aligned_attention)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_style_aligned_attention_shift)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_gemm_fp32_attention_blocks)
+    ->Args({4096, 10, 64})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(3.0);
+BENCHMARK(BM_default_attention)
+    ->Args({1024, 10, 64})
+    ->Args({4096, 10, 64})
+    ->Args({4096, 8, 40})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_style_aligned_attention)
+    ->Args({1024, 10, 64})
+    ->Args({4096, 10, 64})
+    ->Args({4096, 8, 40})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_style_aligned_attention_shift)->Args({4096, 10, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (const char* env = std::getenv("STYLEALIGNED_BENCH_THREADS")) at::set_num_threads(std::atoi(env));
-  tracker();  // install before any tensor exists
+  // The tool's allocator (huge pages for large tensors), then the tracker over it, before any tensor exists.
+  const bool large_pages = stylealigned::configure_large_tensor_pages();
+  tracker();
   benchmark::AddCustomContext("aten_threads", std::to_string(at::get_num_threads()));
-  benchmark::AddCustomContext("shapes", "batch 8 (2 CFG groups x 4 images), 10 heads x 64, tokens = argument");
+  benchmark::AddCustomContext("large_tensor_pages", large_pages ? "on" : "off");
+  benchmark::AddCustomContext("shapes", "batch 8 (2 CFG groups x 4 images); arguments: tokens / heads / head_dim");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

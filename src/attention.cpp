@@ -82,10 +82,12 @@ void finish_block_cpu(const at::Tensor& out, const float* row_max, const float* 
   }
 }
 
-// The fused fp32 CPU kernel on oneDNN: each thread takes whole tiles (one batch row, one head, `tile` queries x
-// all keys), runs q·kᵀ, the exp pass and P·V on its own core with its tile in its cache, and the threads meet once
-// per call instead of after every small product. Splitting each 256 x 4096 product over both cores instead ran the
-// attention core at 125-160 GFLOP/s; whole tiles per thread reach 180-320 (measured on the 2-core EPYC).
+// The fused fp32 CPU kernel on oneDNN: each thread takes whole tiles (one batch row, one head, `tile` queries) and
+// walks the keys in chunks with an online softmax (flash-attention style: running max and sum per query row, the
+// output accumulator rescaled when the max moves), running q·kᵀ, the exp pass and P·V on its own core with its
+// tile in its cache; the threads meet once per call instead of after every small product. Splitting each product
+// over both cores instead ran the attention core at 125-160 GFLOP/s; whole tiles per thread reach 210-250 at head
+// dim 40 (measured on the 2-core EPYC, SD1.5's 4096-token level).
 // The keys may come in blocks (StyleAligned: own keys, then the reference's), each with its logit scale ratio and
 // shift applied by its q·kᵀ product, so one softmax runs over all of them: exactly the merge of per-block results,
 // without their partial outputs, log-sum-exps and merge pass. False when oneDNN cannot plan the products: the
@@ -100,44 +102,44 @@ bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& block
                          const at::Tensor& lse, double scale, double shift, int64_t max_score_elements) {
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), d = q.size(3), dv = out.size(3);
   if (out.stride(3) != 1 || blocks.empty() || scale == 0.0) return false;
-  int64_t nk = 0;
-  for (const KeyBlock& kb : blocks) nk += kb.k.size(2);
   const int64_t threads = std::max(1, at::get_num_threads());
-  // Rows per tile from the widest key block: 256 query rows x 4096 keys measured best (64- and 32-row tiles were
-  // 30-50% slower, 512 no faster), and [own ; reference] = 256 x 8192 beat 128 x 8192 by 25%: oneDNN's products
-  // gain more from rows than the tile loses by leaving L2. The caller's bound on live scores is shared by the
-  // threads.
+  // 256 query rows x 1024-key chunks: on the 2-core EPYC (SD1.5 and SDXL shapes) tiles of 128-512 rows and chunks
+  // of 512-8192 keys all ran within the run-to-run noise (210-250 GFLOP/s); 1024 keys keep the per-thread score
+  // block at 1 MiB whatever the key count, so no transient grows with tokens x reference tokens.
+  constexpr int64_t kTileRows = 256, kChunkKeys = 1024;
   int64_t widest = 0;
   for (const KeyBlock& kb : blocks) widest = std::max<int64_t>(widest, kb.k.size(2));
-  int64_t tile = std::clamp<int64_t>((int64_t{1} << 20) / widest, 16, 256);
-  tile = std::min(tile, std::max<int64_t>(1, max_score_elements / (threads * nk)));
-  tile = std::min(tile, nq);
+  const int64_t kc = std::min(kChunkKeys, widest);
+  int64_t tile = std::min(kTileRows, nq);
+  tile = std::min(tile, std::max<int64_t>(1, max_score_elements / (threads * kc)));
   const int64_t tiles_per_head = (nq + tile - 1) / tile, last = nq - (tiles_per_head - 1) * tile;
 
+  // Plans per block for (rows, keys) = (tile or last, kc or the block's remainder).
   using Plan = std::unique_ptr<detail::onednn::GemmPlan>;
+  struct ChunkPlans {
+    Plan qk, pv;
+  };
   struct BlockPlans {
-    Plan qk, pv, qk_last, pv_last;
+    ChunkPlans p[2][2];  // [last tile][remainder chunk]
   };
   std::vector<BlockPlans> plans(blocks.size());
   for (size_t i = 0; i < blocks.size(); ++i) {
     const at::Tensor &k = blocks[i].k, &v = blocks[i].v;
-    const int64_t n = k.size(2);
+    const int64_t n = k.size(2), rem = n % kc;
     // The block's shift enters before the exp pass multiplies by `scale`, hence shift / scale here.
     const float a = blocks[i].logit_ratio, b = static_cast<float>(blocks[i].shift / scale);
-    auto qk = [&](int64_t rows) {
-      return detail::onednn::plan_gemm(rows, n, d, q.stride(2), q.stride(3), k.stride(3), k.stride(2), nk, a, b);
-    };
-    auto pv = [&](int64_t rows) {
-      return detail::onednn::plan_gemm(rows, dv, n, nk, 1, v.stride(2), v.stride(3), out.stride(2), 1.0f, 0.0f,
-                                       /*accumulate=*/i > 0);
-    };
-    plans[i].qk = qk(tile);
-    plans[i].pv = pv(tile);
-    if (!plans[i].qk || !plans[i].pv) return false;
-    if (last != tile) {
-      plans[i].qk_last = qk(last);
-      plans[i].pv_last = pv(last);
-      if (!plans[i].qk_last || !plans[i].pv_last) return false;
+    for (int lt = 0; lt < 2; ++lt) {
+      const int64_t rows = lt ? last : tile;
+      if (lt && last == tile) continue;
+      for (int rc = 0; rc < 2; ++rc) {
+        const int64_t cols = rc ? (n > kc ? rem : 0) : std::min(kc, n);
+        if (cols == 0) continue;
+        ChunkPlans& cp = plans[i].p[lt][rc];
+        cp.qk = detail::onednn::plan_gemm(rows, cols, d, q.stride(2), q.stride(3), k.stride(3), k.stride(2), kc, a, b);
+        cp.pv = detail::onednn::plan_gemm(rows, dv, cols, kc, 1, v.stride(2), v.stride(3), out.stride(2), 1.0f, 0.0f,
+                                          /*accumulate=*/true);
+        if (!cp.qk || !cp.pv) return false;
+      }
     }
   }
 
@@ -145,31 +147,38 @@ bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& block
   float* op = out.data_ptr<float>();
   float* lp = lse.defined() ? lse.data_ptr<float>() : nullptr;
   const int64_t items = batch * heads * tiles_per_head;
+  const float alpha = static_cast<float>(scale);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(tile * nk)), row_max(tile), row_sum(tile);
+    std::vector<float> scores(static_cast<size_t>(tile * kc)), row_max(tile), row_sum(tile), corr(tile);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % tiles_per_head, h = (it / tiles_per_head) % heads, b = it / (tiles_per_head * heads);
       const int64_t s = t * tile, rows = std::min(tile, nq - s);
-      const bool full = rows == tile;
+      const int lt = rows == tile ? 0 : 1;
       const float* qt = qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2);
       float* ot = op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
-      int64_t col = 0;
-      for (size_t i = 0; i < blocks.size(); ++i) {
-        const at::Tensor& k = blocks[i].k;
-        const int64_t kb = k.size(0) == 1 ? 0 : b;
-        const float* kt = k.data_ptr<float>() + kb * k.stride(0) + h * k.stride(1);
-        (full ? *plans[i].qk : *plans[i].qk_last).run(qt, kt, scores.data() + col);
-        col += k.size(2);
+      for (int64_t i = 0; i < rows; ++i) {
+        std::fill_n(ot + i * out.stride(2), dv, 0.0f);
+        row_max[i] = -std::numeric_limits<float>::infinity();
+        row_sum[i] = 0.0f;
       }
-      detail::exp_rows_inplace(scores.data(), rows, nk, nk, static_cast<float>(scale), row_max.data(),
-                               row_sum.data());
-      col = 0;
       for (size_t i = 0; i < blocks.size(); ++i) {
-        const at::Tensor& v = blocks[i].v;
-        const int64_t vb = v.size(0) == 1 ? 0 : b;
-        const float* vt = v.data_ptr<float>() + vb * v.stride(0) + h * v.stride(1);
-        (full ? *plans[i].pv : *plans[i].pv_last).run(scores.data() + col, vt, ot);
-        col += v.size(2);
+        const at::Tensor &k = blocks[i].k, &v = blocks[i].v;
+        const int64_t n = k.size(2);
+        const float* kt = k.data_ptr<float>() + (k.size(0) == 1 ? 0 : b) * k.stride(0) + h * k.stride(1);
+        const float* vt = v.data_ptr<float>() + (v.size(0) == 1 ? 0 : b) * v.stride(0) + h * v.stride(1);
+        for (int64_t c0 = 0; c0 < n; c0 += kc) {
+          const int64_t cols = std::min(kc, n - c0);
+          const ChunkPlans& cp = plans[i].p[lt][cols == kc || n < kc ? 0 : 1];
+          cp.qk->run(qt, kt + c0 * k.stride(2), scores.data());
+          detail::exp_rows_online(scores.data(), rows, cols, kc, alpha, row_max.data(), row_sum.data(),
+                                  corr.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            if (corr[r] == 1.0f) continue;
+            float* row = ot + r * out.stride(2);
+            for (int64_t j = 0; j < dv; ++j) row[j] *= corr[r];
+          }
+          cp.pv->run(scores.data(), vt + c0 * v.stride(2), ot);
+        }
       }
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = 1.0f / row_sum[i];

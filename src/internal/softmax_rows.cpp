@@ -16,13 +16,31 @@
 namespace stylealigned::detail {
 namespace {
 
+// With `correction` (online mode) row_max / row_sum come in holding the running max and sum of earlier key chunks:
+// the new max is max(old, chunk), the old sum is rescaled by correction[r] = e^(old max - new max), which the
+// caller also applies to its output accumulator.
+inline float fold_running(float m, const float* row_max, const float* row_sum, float* correction, int64_t r,
+                          float& carried) {
+  if (correction == nullptr) {
+    carried = 0.0f;
+    return m;
+  }
+  const float old = row_max[r], m_new = std::max(m, old);
+  const float c = old == m_new ? 1.0f : std::exp(old - m_new);  // old = -inf on the first chunk: c = 0
+  correction[r] = c;
+  carried = row_sum[r] * c;
+  return m_new;
+}
+
 void exp_rows_scalar(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
-                     float* row_sum) {
+                     float* row_sum, float* correction) {
   for (int64_t r = 0; r < rows; ++r) {
     float* x = data + r * ld;
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < cols; ++j) m = std::max(m, alpha * x[j]);
-    double s = 0.0;
+    float carried;
+    m = fold_running(m, row_max, row_sum, correction, r, carried);
+    double s = carried;
     for (int64_t j = 0; j < cols; ++j) {
       x[j] = std::exp(alpha * x[j] - m);
       s += x[j];
@@ -69,7 +87,8 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 }
 
 __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows, int64_t cols, int64_t ld,
-                                                       float alpha, float* row_max, float* row_sum) {
+                                                       float alpha, float* row_max, float* row_sum,
+                                                       float* correction) {
   const int64_t vec_end = cols - cols % 8;
   const __m256 va = _mm256_set1_ps(alpha);
   for (int64_t r = 0; r < rows; ++r) {
@@ -78,6 +97,8 @@ __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows
     for (int64_t j = 0; j < vec_end; j += 8) vmax = _mm256_max_ps(vmax, _mm256_mul_ps(va, _mm256_loadu_ps(x + j)));
     float m = hmax(vmax);
     for (int64_t j = vec_end; j < cols; ++j) m = std::max(m, alpha * x[j]);
+    float carried;
+    m = fold_running(m, row_max, row_sum, correction, r, carried);
     // alpha * x - max in one FMA (the product unrounded: the maximum's exponent is then within half an ulp of
     // max(alpha * x) from 0 rather than exactly 0). Four accumulators keep the float sum short.
     const __m256 vm = _mm256_set1_ps(m);
@@ -102,7 +123,7 @@ __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows
       _mm256_storeu_ps(x + j, e);
       s0 = _mm256_add_ps(s0, e);
     }
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    float s = carried + hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     for (; j < cols; ++j) {
       x[j] = std::exp(alpha * x[j] - m);
       s += x[j];
@@ -138,7 +159,8 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
 }
 
 __attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t rows, int64_t cols, int64_t ld,
-                                                         float alpha, float* row_max, float* row_sum) {
+                                                         float alpha, float* row_max, float* row_sum,
+                                                         float* correction) {
   const int64_t vec_end = cols - cols % 16;
   const __m512 va = _mm512_set1_ps(alpha);
   for (int64_t r = 0; r < rows; ++r) {
@@ -152,6 +174,8 @@ __attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t row
     for (; j < vec_end; j += 16) vmax0 = _mm512_max_ps(vmax0, _mm512_mul_ps(va, _mm512_loadu_ps(x + j)));
     float m = _mm512_reduce_max_ps(_mm512_max_ps(vmax0, vmax1));
     for (j = vec_end; j < cols; ++j) m = std::max(m, alpha * x[j]);
+    float carried;
+    m = fold_running(m, row_max, row_sum, correction, r, carried);
     const __m512 vm = _mm512_set1_ps(m);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     j = 0;
@@ -174,7 +198,7 @@ __attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t row
       _mm512_storeu_ps(x + j, e);
       s0 = _mm512_add_ps(s0, e);
     }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    float s = carried + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
     for (; j < cols; ++j) {
       x[j] = std::exp(alpha * x[j] - m);
       s += x[j];
@@ -214,28 +238,37 @@ bool fast_exp_rows_available() {
 #endif
 }
 
+namespace {
+
+void exp_rows_serial(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
+                     float* row_sum, float* correction) {
+#if STYLEALIGNED_X86_AVX2_KERNEL
+  if (fast_exp_rows_available()) {
+    if (cpu_has_avx512f()) {
+      exp_rows_avx512(data, rows, cols, ld, alpha, row_max, row_sum, correction);
+    } else {
+      exp_rows_avx2(data, rows, cols, ld, alpha, row_max, row_sum, correction);
+    }
+    return;
+  }
+#endif
+  exp_rows_scalar(data, rows, cols, ld, alpha, row_max, row_sum, correction);
+}
+
+}  // namespace
+
 void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
                       float* row_sum) {
-  const bool fast = fast_exp_rows_available();
-#if STYLEALIGNED_X86_AVX2_KERNEL
-  const bool wide = fast && cpu_has_avx512f();
-#endif
   // About 64k elements per task: enough work to amortise a thread hand-off, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-#if STYLEALIGNED_X86_AVX2_KERNEL
-    if (wide) {
-      exp_rows_avx512(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin);
-      return;
-    }
-    if (fast) {
-      exp_rows_avx2(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin);
-      return;
-    }
-#endif
-    (void)fast;
-    exp_rows_scalar(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin);
+    exp_rows_serial(data + begin * ld, end - begin, cols, ld, alpha, row_max + begin, row_sum + begin, nullptr);
   });
+}
+
+void exp_rows_online(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
+                     float* row_sum, float* correction) {
+  exp_rows_serial(data, rows, cols, ld, alpha, row_max, row_sum, correction);
 }
 
 }  // namespace stylealigned::detail

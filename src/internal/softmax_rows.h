@@ -20,4 +20,12 @@ bool fast_exp_rows_available();
 void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
                       float* row_sum);
 
+/// One key chunk of an online softmax (flash-attention style), on the calling thread: row_max / row_sum hold the
+/// running max of y and sum of exp(y - max) over the earlier chunks (-inf and 0 before the first). Each row becomes
+/// exp(y - new max), the running values are updated, and correction[r] = exp(old max - new max) is the factor the
+/// caller applies to its output accumulator row before adding this chunk's P·V (0 on the first chunk, 1 when the
+/// max did not move).
+void exp_rows_online(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
+                     float* row_sum, float* correction);
+
 }  // namespace stylealigned::detail
