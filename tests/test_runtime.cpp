@@ -39,6 +39,20 @@ TEST(runtime, large_tensor_pages_serve_large_blocks_aligned_and_free_them) {
     EXPECT_EQ(big[-1].item<float>(), float(i));
     EXPECT_EQ(big.sum(at::kDouble).item<double>(), double(i) * double(big.numel()));
   }
+  // A dead tensor's mapping serves the next one of its size (no fresh zeroed pages), and not a much smaller one.
+  void* first = nullptr;
+  {
+    at::Tensor a = at::empty({(6 << 20) / 4});
+    first = a.data_ptr();
+  }
+  {
+    at::Tensor smaller = at::empty({(3 << 20) / 4});  // 4 MiB of pages: the kept 6 MiB mapping is too big for it
+    EXPECT_NE(smaller.data_ptr(), first);
+    at::Tensor b = at::empty({(6 << 20) / 4 - 100});
+    EXPECT_EQ(b.data_ptr(), first);
+    b.fill_(3.0f);
+    EXPECT_EQ(b.sum(at::kDouble).item<double>(), 3.0 * double(b.numel()));
+  }
   // Small: the previous allocator (a heap block, not 2 MiB-aligned in general); values intact.
   at::Tensor small = at::arange(1000, at::kFloat);
   EXPECT_EQ(small.sum().item<float>(), 999.0f * 1000.0f / 2.0f);
