@@ -101,7 +101,12 @@ struct KeyBlock {
 bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& blocks, const at::Tensor& out,
                          const at::Tensor& lse, double scale, double shift, int64_t max_score_elements) {
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), d = q.size(3), dv = out.size(3);
-  if (out.stride(3) != 1 || blocks.empty() || scale == 0.0) return false;
+  if (out.stride(3) != 1 || blocks.empty() || scale == 0.0 || out.scalar_type() != at::kFloat) return false;
+  // bf16 q/k/v (native bf16 CPUs): both products take bf16 inputs and accumulate in fp32; the scores, the exp pass
+  // and the output accumulator stay fp32, and P is rounded to bf16 for P·V, as diffusers casts the probabilities
+  // to the value dtype before that product.
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  const int64_t esz = static_cast<int64_t>(q.element_size());
   const int64_t threads = std::max(1, at::get_num_threads());
   // 256 query rows x 1024-key chunks: on the 2-core EPYC (SD1.5 and SDXL shapes) tiles of 128-512 rows and chunks
   // of 512-8192 keys all ran within the run-to-run noise (210-250 GFLOP/s); 1024 keys keep the per-thread score
@@ -135,26 +140,28 @@ bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& block
         const int64_t cols = rc ? (n > kc ? rem : 0) : std::min(kc, n);
         if (cols == 0) continue;
         ChunkPlans& cp = plans[i].p[lt][rc];
-        cp.qk = detail::onednn::plan_gemm(rows, cols, d, q.stride(2), q.stride(3), k.stride(3), k.stride(2), kc, a, b);
+        cp.qk = detail::onednn::plan_gemm(rows, cols, d, q.stride(2), q.stride(3), k.stride(3), k.stride(2), kc, a, b,
+                                          /*accumulate=*/false, bf16);
         cp.pv = detail::onednn::plan_gemm(rows, dv, cols, kc, 1, v.stride(2), v.stride(3), out.stride(2), 1.0f, 0.0f,
-                                          /*accumulate=*/true);
+                                          /*accumulate=*/true, bf16);
         if (!cp.qk || !cp.pv) return false;
       }
     }
   }
 
-  const float* qp = q.data_ptr<float>();
+  const char* qp = static_cast<const char*>(q.data_ptr());
   float* op = out.data_ptr<float>();
   float* lp = lse.defined() ? lse.data_ptr<float>() : nullptr;
   const int64_t items = batch * heads * tiles_per_head;
   const float alpha = static_cast<float>(scale);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(static_cast<size_t>(tile * kc)), row_max(tile), row_sum(tile), corr(tile);
+    std::vector<uint16_t> probs(bf16 ? static_cast<size_t>(tile * kc) : 0);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % tiles_per_head, h = (it / tiles_per_head) % heads, b = it / (tiles_per_head * heads);
       const int64_t s = t * tile, rows = std::min(tile, nq - s);
       const int lt = rows == tile ? 0 : 1;
-      const float* qt = qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2);
+      const char* qt = qp + (b * q.stride(0) + h * q.stride(1) + s * q.stride(2)) * esz;
       float* ot = op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
       for (int64_t i = 0; i < rows; ++i) {
         std::fill_n(ot + i * out.stride(2), dv, 0.0f);
@@ -164,12 +171,14 @@ bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& block
       for (size_t i = 0; i < blocks.size(); ++i) {
         const at::Tensor &k = blocks[i].k, &v = blocks[i].v;
         const int64_t n = k.size(2);
-        const float* kt = k.data_ptr<float>() + (k.size(0) == 1 ? 0 : b) * k.stride(0) + h * k.stride(1);
-        const float* vt = v.data_ptr<float>() + (v.size(0) == 1 ? 0 : b) * v.stride(0) + h * v.stride(1);
+        const char* kt = static_cast<const char*>(k.data_ptr()) +
+                         ((k.size(0) == 1 ? 0 : b) * k.stride(0) + h * k.stride(1)) * esz;
+        const char* vt = static_cast<const char*>(v.data_ptr()) +
+                         ((v.size(0) == 1 ? 0 : b) * v.stride(0) + h * v.stride(1)) * esz;
         for (int64_t c0 = 0; c0 < n; c0 += kc) {
           const int64_t cols = std::min(kc, n - c0);
           const ChunkPlans& cp = plans[i].p[lt][cols == kc || n < kc ? 0 : 1];
-          cp.qk->run(qt, kt + c0 * k.stride(2), scores.data());
+          cp.qk->run(qt, kt + c0 * k.stride(2) * esz, scores.data());
           detail::exp_rows_online(scores.data(), rows, cols, kc, alpha, row_max.data(), row_sum.data(),
                                   corr.data());
           for (int64_t r = 0; r < rows; ++r) {
@@ -177,7 +186,8 @@ bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& block
             float* row = ot + r * out.stride(2);
             for (int64_t j = 0; j < dv; ++j) row[j] *= corr[r];
           }
-          cp.pv->run(scores.data(), vt + c0 * v.stride(2), ot);
+          if (bf16) detail::rows_to_bf16(scores.data(), rows, cols, kc, probs.data(), kc);
+          cp.pv->run(bf16 ? static_cast<const void*>(probs.data()) : scores.data(), vt + c0 * v.stride(2) * esz, ot);
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -244,6 +254,16 @@ BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int6
 
 KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
                                double shift, const AttentionOptions& options, bool want_lse, bool upcast) {
+  if (q_in.is_cpu() && q_in.scalar_type() == at::kBFloat16 && !upcast && !want_lse && q_in.size(2) > 0 &&
+      q_in.size(0) > 0 && detail::fast_exp_rows_available()) {
+    // bf16 straight into the tiled kernel's bf16 products (fp32 scores and output), no fp32 copies of q, k, v.
+    const int64_t batch = q_in.size(0), heads = q_in.size(1), nq = q_in.size(2), dv = v_in.size(3);
+    at::Tensor out = at::empty({batch, nq, heads, dv}, q_in.options().dtype(at::kFloat)).permute({0, 2, 1, 3});
+    if (tiled_attention_cpu(q_in, {KeyBlock{k_in, v_in}}, out, at::Tensor(), scale, shift,
+                            options.max_score_elements)) {
+      return {out, at::Tensor()};
+    }
+  }
   const bool upcast_now = is_reduced_float(q_in.scalar_type()) && (upcast || want_lse || q_in.is_cpu());
   const at::ScalarType compute = upcast_now ? at::kFloat : q_in.scalar_type();
   const at::Tensor q = q_in.to(compute);
@@ -317,10 +337,13 @@ bool attention_over_own_and_reference_cpu(const at::Tensor& q, const at::Tensor&
                                           const at::Tensor& k_ref, const at::Tensor& v_ref, double scale,
                                           double ref_ratio, double ref_shift, const AttentionOptions& options,
                                           const at::Tensor& out) {
-  const std::initializer_list<const at::Tensor*> all{&q, &k_own, &v_own, &k_ref, &v_ref, &out};
-  for (const at::Tensor* t : all) {
-    if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->dim() != 4) return false;
+  const std::initializer_list<const at::Tensor*> inputs{&q, &k_own, &v_own, &k_ref, &v_ref};
+  const at::ScalarType dtype = q.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
+  for (const at::Tensor* t : inputs) {
+    if (!t->is_cpu() || t->scalar_type() != dtype || t->dim() != 4) return false;
   }
+  if (!out.is_cpu() || out.scalar_type() != at::kFloat || out.dim() != 4) return false;
   if (!detail::fast_exp_rows_available() || out.sizes() != at::IntArrayRef({q.size(0), q.size(1), q.size(2),
                                                                              v_own.size(3)})) {
     return false;

@@ -10,6 +10,7 @@
 #include "internal/attention_kernel.h"
 #include "internal/style_aligned_concat.h"
 #include "stylealigned/error.h"
+#include "stylealigned/runtime.h"
 
 namespace stylealigned {
 namespace {
@@ -223,6 +224,9 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
   const at::Tensor q = compute_float ? q_in.to(at::kFloat) : q_in;
   const at::Tensor k = compute_float ? k_in.to(at::kFloat) : k_in;
   const at::Tensor v = compute_float ? v_in.to(at::kFloat) : v_in;
+  // On native-bf16 CPUs the attention products take bf16 (AdaIN statistics and normalisation stay fp32, rounded
+  // once for the product); elsewhere everything runs in fp32.
+  const bool bf16_products = out_dtype == at::kBFloat16 && q_in.is_cpu() && cpu_has_native_bf16();
 
   for (const CfgGroup& g : layout.groups()) {
     if (o.full_attention_share) {
@@ -240,7 +244,10 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
     const int64_t r = g.reference;
     const at::Tensor qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
     // The reference attends to [own ; own] upstream, which is exactly its plain self-attention.
-    out.narrow(0, r, 1).copy_(scaled_dot_product_attention(qr, kr, vr, call.scale, attention_, call.upcast));
+    out.narrow(0, r, 1).copy_(
+        bf16_products ? scaled_dot_product_attention(q_in.narrow(0, r, 1), k_in.narrow(0, r, 1), v_in.narrow(0, r, 1),
+                                                     call.scale, attention_, call.upcast)
+                      : scaled_dot_product_attention(qr, kr, vr, call.scale, attention_, call.upcast));
 
     at::Tensor q_mean, q_std, k_mean, k_std, v_mean, v_std;
     if (o.adain_queries) std::tie(q_mean, q_std) = calc_mean_std(qr);
@@ -255,6 +262,16 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
       const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t, 1), k_mean, k_std) : k.narrow(0, t, 1);
       const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t, 1), v_mean, v_std) : v.narrow(0, t, 1);
       at::Tensor result;
+      if (o.share_attention && bf16_products) {
+        auto bf = [](const at::Tensor& x) { return x.to(at::kBFloat16); };
+        at::Tensor row = at::empty({1, tokens, heads, dv}, q.options().dtype(at::kFloat)).permute({0, 2, 1, 3});
+        if (detail::attention_over_own_and_reference_cpu(
+                bf(qt), bf(kt), o.adain_values ? bf(vt) : v_in.narrow(0, t, 1), k_in.narrow(0, r, 1),
+                v_in.narrow(0, r, 1), call.scale, o.shared_score_scale, o.shared_score_shift, attention_, row)) {
+          out.narrow(0, t, 1).copy_(row);
+          continue;
+        }
+      }
       if (o.share_attention &&
           detail::attention_over_own_and_reference_cpu(qt, kt, vt, kr, vr, call.scale, o.shared_score_scale,
                                                        o.shared_score_shift, attention_, out.narrow(0, t, 1))) {

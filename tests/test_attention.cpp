@@ -14,6 +14,7 @@
 #include "stylealigned/attention.h"
 #include "stylealigned/error.h"
 #include "stylealigned/runtime.h"
+#include "stylealigned/runtime.h"
 #include "support/test_support.h"
 
 using namespace stylealigned;
@@ -441,3 +442,43 @@ TEST(onednn, bf16_linear_and_conv_match_fp32_where_the_cpu_has_native_bf16) {
     EXPECT_LT(((yc.to(at::kFloat) - ref).norm() / ref.norm()).item<float>(), 1e-2);
   }
 }
+
+namespace {
+
+TEST(attention, bf16_products_on_native_bf16_cpus_match_the_fp64_softmax_of_the_bf16_values) {
+  // bf16 q/k/v go into the bf16 GEMMs directly (fp32 scores and accumulation, P rounded to bf16 for P·V), default
+  // kernel and StyleAligned's [own ; reference] kernel alike; on other CPUs the same calls run in fp32.
+  at::manual_seed(4);
+  const double scale = 0.16;
+  const auto bf = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
+  const auto q = bf(at::randn({2, 300, 3, 40})).permute({0, 2, 1, 3});
+  const auto k = bf(at::randn({2, 1100, 3, 40})).permute({0, 2, 1, 3});  // > one 1024-key chunk
+  const auto v = bf(at::randn({2, 1100, 3, 24})).permute({0, 2, 1, 3});
+  auto reference = [&](const at::Tensor& kk, const at::Tensor& vv, const at::Tensor& logit_shift) {
+    auto logits = at::matmul(q.to(at::kDouble), kk.to(at::kDouble).transpose(-2, -1)) * scale;
+    if (logit_shift.defined()) logits.add_(logit_shift);
+    return at::matmul(at::softmax(logits, -1), vv.to(at::kDouble));
+  };
+  // |out| <= max |v| ~ 4; P's bf16 rounding (2^-9 relative) and bf16 output rounding give ~1e-2 at most.
+  const at::Tensor out = stylealigned::scaled_dot_product_attention(q, k, v, scale, {}, /*upcast=*/false);
+  EXPECT_EQ(out.scalar_type(), at::kBFloat16);
+  EXPECT_ALLCLOSE(out, reference(k, v, at::Tensor()), 2e-2);
+
+  const double lambda = 0.8, shift = 0.3;
+  const auto kr = bf(at::randn({1, 500, 3, 40})).permute({0, 2, 1, 3});
+  const auto vr = bf(at::randn({1, 500, 3, 24})).permute({0, 2, 1, 3});
+  at::Tensor joint = at::empty({2, 300, 3, 24}).permute({0, 2, 1, 3});
+  const bool done = stylealigned::detail::attention_over_own_and_reference_cpu(q, k, v, kr, vr, scale, lambda,
+                                                                               shift, AttentionOptions{}, joint);
+#if STYLEALIGNED_EXPECT_ONEDNN
+  EXPECT_EQ(done, stylealigned::cpu_has_native_bf16());
+#endif
+  if (!done) return;
+  at::Tensor logit_shift = at::zeros({1600}, at::kDouble);
+  logit_shift.narrow(0, 1100, 500).fill_(shift);
+  const auto kk = at::cat({k.to(at::kDouble), kr.to(at::kDouble).expand({2, -1, -1, -1}) * lambda}, 2);
+  const auto vv = at::cat({v, vr.expand({2, -1, -1, -1})}, 2);
+  EXPECT_ALLCLOSE(joint, reference(kk, vv, logit_shift), 1e-2);
+}
+
+}  // namespace

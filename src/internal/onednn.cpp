@@ -28,9 +28,9 @@ at::Tensor linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) { ret
 at::Tensor conv2d(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) { return {}; }
 bool bmm_out(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 struct GemmPlan::Impl {};
-void GemmPlan::run(const float*, const float*, float*) const {}
+void GemmPlan::run(const void*, const void*, float*) const {}
 std::unique_ptr<GemmPlan> plan_gemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
-                                    float, bool) {
+                                    float, bool, bool) {
   return nullptr;
 }
 
@@ -279,12 +279,12 @@ struct GemmPlan::Impl {
   Entry entry;
 };
 
-void GemmPlan::run(const float* a, const float* b, float* c) const {
+void GemmPlan::run(const void* a, const void* b, float* c) const {
   const Entry& e = impl_->entry;
   auto& engine = cpu_engine();
   thread_local std::vector<char> scratch;
   if (scratch.size() < e.scratchpad.get_size()) scratch.resize(e.scratchpad.get_size());
-  dnnl::memory a_m(e.src, engine, const_cast<float*>(a)), b_m(e.weights, engine, const_cast<float*>(b));
+  dnnl::memory a_m(e.src, engine, const_cast<void*>(a)), b_m(e.weights, engine, const_cast<void*>(b));
   dnnl::memory c_m(e.dst, engine, c), s_m(e.scratchpad, engine, scratch.data());
   e.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, a_m}, {DNNL_ARG_WEIGHTS, b_m}, {DNNL_ARG_DST, c_m},
                                      {DNNL_ARG_SCRATCHPAD, s_m}});
@@ -292,8 +292,11 @@ void GemmPlan::run(const float* a, const float* b, float* c) const {
 }
 
 std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_row, int64_t a_col, int64_t b_row,
-                                    int64_t b_col, int64_t c_row, float out_scale, float out_shift, bool accumulate) {
+                                    int64_t b_col, int64_t c_row, float out_scale, float out_shift, bool accumulate,
+                                    bool bf16_inputs) {
   if (!enabled() || m <= 0 || n <= 0 || k <= 0) return nullptr;
+  if (bf16_inputs && !cpu_has_native_bf16()) return nullptr;
+  const auto in = bf16_inputs ? dnnl::memory::data_type::bf16 : f32;
   if (accumulate && (out_scale != 1.0f || out_shift != 0.0f)) return nullptr;
   const bool affine = out_scale != 1.0f || out_shift != 0.0f;
   auto bits = [](float f) {
@@ -302,11 +305,11 @@ std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_r
     return static_cast<int64_t>(i);
   };
   const std::vector<int64_t> key{4,     m, n, k, a_row, a_col, b_row, b_col, c_row, bits(out_scale), bits(out_shift),
-                                 accumulate ? 1 : 0};
+                                 accumulate ? 1 : 0, bf16_inputs ? 1 : 0};
   const Entry e = cache().get(key, [&] {
     Entry r;
-    r.src = md(dims{m, k}, f32, dims{a_row, a_col});
-    r.weights = md(dims{k, n}, f32, dims{b_row, b_col});
+    r.src = md(dims{m, k}, in, dims{a_row, a_col});
+    r.weights = md(dims{k, n}, in, dims{b_row, b_col});
     r.dst = md(dims{m, n}, f32, dims{c_row, 1});
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);

@@ -44,16 +44,17 @@ class GemmPlan {
  public:
   struct Impl;
   explicit GemmPlan(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
-  void run(const float* a, const float* b, float* c) const;
+  void run(const void* a, const void* b, float* c) const;
 
  private:
   std::shared_ptr<const Impl> impl_;
 };
 
 /// Null when oneDNN is off or offers only its reference kernel. Strides are (row, column) in elements. The result
-/// is c = out_scale · (a·b) + out_shift, or with `accumulate` c += a·b (out_scale 1, out_shift 0 only).
+/// is c = out_scale · (a·b) + out_shift, or with `accumulate` c += a·b (out_scale 1, out_shift 0 only). a and b
+/// are fp32, or bf16 with `bf16_inputs` (native bf16 CPUs only; c stays fp32, accumulated in fp32).
 std::unique_ptr<GemmPlan> plan_gemm(int64_t m, int64_t n, int64_t k, int64_t a_row, int64_t a_col, int64_t b_row,
                                     int64_t b_col, int64_t c_row, float out_scale = 1.0f, float out_shift = 0.0f,
-                                    bool accumulate = false);
+                                    bool accumulate = false, bool bf16_inputs = false);
 
 }  // namespace stylealigned::detail::onednn

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -15,6 +16,13 @@
 
 namespace stylealigned::detail {
 namespace {
+
+uint16_t float_to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN, quieted
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
 
 // With `correction` (online mode) row_max / row_sum come in holding the running max and sum of earlier key chunks:
 // the new max is max(old, chunk), the old sum is rescaled by correction[r] = e^(old max - new max), which the
@@ -208,6 +216,19 @@ __attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t row
   }
 }
 
+// fp32 -> bf16, round to nearest even (quiet NaNs, the ones arithmetic makes, stay NaN).
+__attribute__((target("avx512f"))) void to_bf16_avx512(const float* src, int64_t n, uint16_t* dst) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(src + j));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), one);
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(bias, lsb)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm512_cvtepi32_epi16(r));
+  }
+  for (; j < n; ++j) dst[j] = float_to_bf16(src[j]);
+}
+
 #pragma GCC diagnostic pop
 
 bool cpu_has_avx512f() {
@@ -269,6 +290,18 @@ void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float
 void exp_rows_online(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
                      float* row_sum, float* correction) {
   exp_rows_serial(data, rows, cols, ld, alpha, row_max, row_sum, correction);
+}
+
+void rows_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+#if STYLEALIGNED_X86_AVX2_KERNEL
+    if (cpu_has_avx512f()) {
+      to_bf16_avx512(src + r * ld_src, cols, dst + r * ld_dst);
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < cols; ++j) dst[r * ld_dst + j] = float_to_bf16(src[r * ld_src + j]);
+  }
 }
 
 }  // namespace stylealigned::detail

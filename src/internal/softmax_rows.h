@@ -28,4 +28,7 @@ void exp_rows_inplace(float* data, int64_t rows, int64_t cols, int64_t ld, float
 void exp_rows_online(float* data, int64_t rows, int64_t cols, int64_t ld, float alpha, float* row_max,
                      float* row_sum, float* correction);
 
+/// fp32 rows to bf16 (round to nearest even), for the bf16 P·V product of the attention kernel.
+void rows_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld_src, uint16_t* dst, int64_t ld_dst);
+
 }  // namespace stylealigned::detail
