@@ -177,7 +177,7 @@ bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& block
                          ((v.size(0) == 1 ? 0 : b) * v.stride(0) + h * v.stride(1)) * esz;
         for (int64_t c0 = 0; c0 < n; c0 += kc) {
           const int64_t cols = std::min(kc, n - c0);
-          const ChunkPlans& cp = plans[i].p[lt][cols == kc || n < kc ? 0 : 1];
+          const ChunkPlans& cp = plans[i].p[lt][cols == std::min(kc, n) ? 0 : 1];
           cp.qk->run(qt, kt + c0 * k.stride(2) * esz, scores.data());
           detail::exp_rows_online(scores.data(), rows, cols, kc, alpha, row_max.data(), row_sum.data(),
                                   corr.data());

@@ -243,11 +243,13 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
 
     const int64_t r = g.reference;
     const at::Tensor qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
+    // The rows the attention products read: bf16 originals on the bf16 path, else the fp32 ones.
+    const at::Tensor& qs = bf16_products ? q_in : q;
+    const at::Tensor& ks = bf16_products ? k_in : k;
+    const at::Tensor& vs = bf16_products ? v_in : v;
     // The reference attends to [own ; own] upstream, which is exactly its plain self-attention.
-    out.narrow(0, r, 1).copy_(
-        bf16_products ? scaled_dot_product_attention(q_in.narrow(0, r, 1), k_in.narrow(0, r, 1), v_in.narrow(0, r, 1),
-                                                     call.scale, attention_, call.upcast)
-                      : scaled_dot_product_attention(qr, kr, vr, call.scale, attention_, call.upcast));
+    out.narrow(0, r, 1).copy_(scaled_dot_product_attention(qs.narrow(0, r, 1), ks.narrow(0, r, 1), vs.narrow(0, r, 1),
+                                                           call.scale, attention_, call.upcast));
 
     at::Tensor q_mean, q_std, k_mean, k_std, v_mean, v_std;
     if (o.adain_queries) std::tie(q_mean, q_std) = calc_mean_std(qr);
@@ -263,11 +265,15 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
       const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t, 1), v_mean, v_std) : v.narrow(0, t, 1);
       at::Tensor result;
       if (o.share_attention && bf16_products) {
-        auto bf = [](const at::Tensor& x) { return x.to(at::kBFloat16); };
+        // AdaIN'd rows rounded once to bf16; rows AdaIN left alone are the bf16 originals (no round trip).
+        auto product_row = [&](bool normalised, const at::Tensor& row, const at::Tensor& original) {
+          return normalised ? row.to(at::kBFloat16) : original.narrow(0, t, 1);
+        };
         at::Tensor row = at::empty({1, tokens, heads, dv}, q.options().dtype(at::kFloat)).permute({0, 2, 1, 3});
         if (detail::attention_over_own_and_reference_cpu(
-                bf(qt), bf(kt), o.adain_values ? bf(vt) : v_in.narrow(0, t, 1), k_in.narrow(0, r, 1),
-                v_in.narrow(0, r, 1), call.scale, o.shared_score_scale, o.shared_score_shift, attention_, row)) {
+                product_row(o.adain_queries, qt, q_in), product_row(o.adain_keys, kt, k_in),
+                product_row(o.adain_values, vt, v_in), ks.narrow(0, r, 1), vs.narrow(0, r, 1), call.scale,
+                o.shared_score_scale, o.shared_score_shift, attention_, row)) {
           out.narrow(0, t, 1).copy_(row);
           continue;
         }

@@ -1,10 +1,10 @@
 #include "internal/softmax_rows.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -17,12 +17,7 @@
 namespace stylealigned::detail {
 namespace {
 
-uint16_t float_to_bf16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof x);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN, quieted
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
+uint16_t float_to_bf16(float f) { return c10::BFloat16(f).x; }  // c10 rounds to nearest even, NaN stays NaN
 
 // With `correction` (online mode) row_max / row_sum come in holding the running max and sum of earlier key chunks:
 // the new max is max(old, chunk), the old sum is rescaled by correction[r] = e^(old max - new max), which the
