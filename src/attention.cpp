@@ -252,13 +252,20 @@ BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int6
   return b;
 }
 
+// The output lives in [batch, tokens, heads, dim] memory and is returned as a [batch, heads, tokens, dim] view: the
+// caller's head merge is then free.
+static at::Tensor token_major_output(int64_t batch, int64_t heads, int64_t nq, int64_t dv,
+                                     const at::TensorOptions& options) {
+  return at::empty({batch, nq, heads, dv}, options).permute({0, 2, 1, 3});
+}
+
 KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
                                double shift, const AttentionOptions& options, bool want_lse, bool upcast) {
   if (q_in.is_cpu() && q_in.scalar_type() == at::kBFloat16 && !upcast && !want_lse && q_in.size(2) > 0 &&
       q_in.size(0) > 0 && detail::fast_exp_rows_available()) {
     // bf16 straight into the tiled kernel's bf16 products (fp32 scores and output), no fp32 copies of q, k, v.
     const int64_t batch = q_in.size(0), heads = q_in.size(1), nq = q_in.size(2), dv = v_in.size(3);
-    at::Tensor out = at::empty({batch, nq, heads, dv}, q_in.options().dtype(at::kFloat)).permute({0, 2, 1, 3});
+    at::Tensor out = token_major_output(batch, heads, nq, dv, q_in.options().dtype(at::kFloat));
     if (tiled_attention_cpu(q_in, {KeyBlock{k_in, v_in}}, out, at::Tensor(), scale, shift,
                             options.max_score_elements)) {
       return {out, at::Tensor()};
@@ -272,8 +279,7 @@ KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, c
 
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), nk = k.size(2), dv = v.size(3);
   const bool kv_broadcast = k.size(0) == 1 && batch != 1;
-  // The output lives in [batch, tokens, heads, dim] memory: the caller's head merge is then a free view.
-  at::Tensor out = at::empty({batch, nq, heads, dv}, q.options()).permute({0, 2, 1, 3});
+  at::Tensor out = token_major_output(batch, heads, nq, dv, q.options());
   at::Tensor lse;
   if (want_lse) lse = at::empty({batch, heads, nq}, q.options().dtype(at::kFloat));
   if (nq == 0 || batch == 0) return {out, lse};
