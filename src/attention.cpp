@@ -252,11 +252,9 @@ BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int6
   return b;
 }
 
-// The output lives in [batch, tokens, heads, dim] memory and is returned as a [batch, heads, tokens, dim] view: the
-// caller's head merge is then free.
-static at::Tensor token_major_output(int64_t batch, int64_t heads, int64_t nq, int64_t dv,
-                                     const at::TensorOptions& options) {
-  return at::empty({batch, nq, heads, dv}, options).permute({0, 2, 1, 3});
+at::Tensor token_major_output(int64_t batch, int64_t heads, int64_t tokens, int64_t v_dim,
+                              const at::TensorOptions& options) {
+  return at::empty({batch, tokens, heads, v_dim}, options).permute({0, 2, 1, 3});
 }
 
 KernelResult chunked_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,

@@ -45,7 +45,7 @@ at::Tensor attend_concatenated(const at::Tensor& q, const at::Tensor& k, const a
   if (!o.share_attention || o.full_attention_share || o.shared_score_shift != 0.0) {
     throw Error("attend_concatenated: needs share_attention, no full_attention_share and no shared_score_shift");
   }
-  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).permute({0, 2, 1, 3});
+  at::Tensor out = detail::token_major_output(q.size(0), q.size(1), q.size(2), v.size(3), q.options());
   // Statistics in fp32: an fp16 variance over thousands of tokens loses the digits AdaIN scales by.
   auto adain_rows = [](const at::Tensor& x, const at::Tensor& ref) {
     auto [mean, std] = calc_mean_std(ref.to(at::kFloat));
@@ -217,7 +217,7 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
   // with a view.
   const at::ScalarType out_dtype = q_in.scalar_type();
   const int64_t heads = q_in.size(1), tokens = q_in.size(2), dv = v_in.size(3);
-  at::Tensor out = at::empty({q_in.size(0), tokens, heads, dv}, q_in.options()).permute({0, 2, 1, 3});
+  at::Tensor out = detail::token_major_output(q_in.size(0), heads, tokens, dv, q_in.options());
 
   at::NoGradGuard no_grad;  // inference only: the kernels below use out= and in-place passes
   const bool compute_float = is_reduced_float(out_dtype);
@@ -269,7 +269,7 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
         auto product_row = [&](bool normalised, const at::Tensor& row, const at::Tensor& original) {
           return normalised ? row.to(at::kBFloat16) : original.narrow(0, t, 1);
         };
-        at::Tensor row = at::empty({1, tokens, heads, dv}, q.options().dtype(at::kFloat)).permute({0, 2, 1, 3});
+        at::Tensor row = detail::token_major_output(1, heads, tokens, dv, q.options().dtype(at::kFloat));
         if (detail::attention_over_own_and_reference_cpu(
                 product_row(o.adain_queries, qt, q_in), product_row(o.adain_keys, kt, k_in),
                 product_row(o.adain_values, vt, v_in), ks.narrow(0, r, 1), vs.narrow(0, r, 1), call.scale,

@@ -28,6 +28,11 @@ struct BlockShape {
 /// At most max(options limit, one query row) scores per block, sized to stay cache-resident.
 BlockShape choose_block(int64_t heads, int64_t q_tokens, int64_t kv_tokens, int64_t max_score_elements);
 
+/// An attention output [batch, heads, tokens, v_dim] viewing [batch, tokens, heads, v_dim] memory, the layout every
+/// kernel here writes: the caller's head merge is then a free view.
+at::Tensor token_major_output(int64_t batch, int64_t heads, int64_t tokens, int64_t v_dim,
+                              const at::TensorOptions& options);
+
 /// softmax(q kᵀ · scale + shift) v without autograd support (uses out= kernels and in-place passes). k and v with
 /// batch 1 are broadcast over q's batch. Reduced-precision inputs are computed in float32 when `upcast`, when an lse
 /// is wanted, or on CPU; the output keeps the compute dtype.
