@@ -452,6 +452,7 @@ struct Options {
   double timestep = 500.0;
   uint64_t seed = 0;
   std::string save_output;
+  std::string conv_packing;  // empty: the process default (STYLEALIGNED_CONV_PACK, else auto)
 };
 
 at::ScalarType parse_dtype(const std::string& s) {
@@ -656,6 +657,7 @@ int run(const Options& o) {
     sa::warn("--dtype fp16: libtorch has no fp16 CPU convolution kernels; running fp32 instead");
     dtype = at::kFloat;
   }
+  if (!o.conv_packing.empty()) sa::configure_conv_weight_packing(sa::parse_conv_weight_packing(o.conv_packing));
   const int threads = sa::configure_threads(o.threads);
   const bool large_pages = sa::configure_large_tensor_pages();
   g_split.cuda = device.is_cuda();
@@ -667,6 +669,7 @@ int run(const Options& o) {
   head["device"] = device.str();
   head["threads"] = threads;
   head["large_tensor_pages"] = large_pages;
+  head["conv_packing"] = sa::to_string(sa::conv_weight_packing());
   head["cpu"] = sa::cpu_model_name();
   head["native_bf16"] = sa::cpu_has_native_bf16();
   head["loadavg_start"] = loadavg();
@@ -881,6 +884,10 @@ int main(int argc, char** argv) {
       CLI::IsMember({"fp32", "bf16", "fp16"}));
   app.add_option("--device", o.device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--no-style-align", o.no_style_align, "Vanilla attention (default: StyleAligned, SDXL demo options)");
+  app.add_option("--conv-packing", o.conv_packing,
+                 "auto, always or never: convolution weights reordered once for oneDNN's blocked kernels "
+                 "(default auto: bf16 only; costs a second copy of the conv weights)")
+      ->check(CLI::IsMember({"auto", "always", "never"}));
   app.add_flag("--no-split", o.no_split, "Skip the extra forward that splits the time by operator class");
   app.add_flag("--compare-vanilla", o.compare_vanilla,
                "Also time vanilla forwards, interleaved with the StyleAligned ones on the same weights; the summary "

@@ -1,5 +1,9 @@
 #include "stylealigned/runtime.h"
 
+#include "stylealigned/error.h"
+
+#include <fmt/format.h>
+
 #include <ATen/Parallel.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -7,6 +11,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -195,6 +200,40 @@ int configure_threads(int threads) {
 bool cpu_has_native_bf16() {
   const std::string flags = " " + cpuinfo_field("flags") + " ";
   return flags.find(" avx512_bf16 ") != std::string::npos || flags.find(" amx_bf16 ") != std::string::npos;
+}
+
+namespace {
+std::atomic<ConvWeightPacking>& packing_mode() {
+  static std::atomic<ConvWeightPacking> mode{[] {
+    const char* v = std::getenv("STYLEALIGNED_CONV_PACK");
+    if (v == nullptr || *v == '\0') return ConvWeightPacking::automatic;
+    return std::string(v) == "0" ? ConvWeightPacking::never : ConvWeightPacking::always;
+  }()};
+  return mode;
+}
+}  // namespace
+
+void configure_conv_weight_packing(ConvWeightPacking mode) { packing_mode().store(mode); }
+
+ConvWeightPacking conv_weight_packing() { return packing_mode().load(); }
+
+ConvWeightPacking parse_conv_weight_packing(const std::string& value, const std::string& option) {
+  if (value == "auto") return ConvWeightPacking::automatic;
+  if (value == "always") return ConvWeightPacking::always;
+  if (value == "never") return ConvWeightPacking::never;
+  throw Error(fmt::format("{}: expected auto, always or never, got '{}'", option, value));
+}
+
+const char* to_string(ConvWeightPacking mode) {
+  switch (mode) {
+    case ConvWeightPacking::always:
+      return "always";
+    case ConvWeightPacking::never:
+      return "never";
+    case ConvWeightPacking::automatic:
+      break;
+  }
+  return "auto";
 }
 
 std::string cpu_model_name() {

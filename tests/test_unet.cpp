@@ -21,6 +21,7 @@
 #include "stylealigned/error.h"
 #include "stylealigned/io/safetensors.h"
 #include "stylealigned/models/unet.h"
+#include "stylealigned/runtime.h"
 #include "stylealigned/style_aligned.h"
 #include "support/test_support.h"
 
@@ -84,6 +85,24 @@ at::Tensor run_case(UNet2DConditionModel& unet, const json& c, const BatchLayout
   return unet->forward(golden_tensor(c, in.at("sample")), golden_tensor(c, in.at("timestep")),
                        golden_tensor(c, in.at("encoder_hidden_states")), opts);
 }
+
+// Sets the convolution weight packing for one scope (the setting is process-wide).
+class ScopedConvPacking {
+ public:
+  explicit ScopedConvPacking(stylealigned::ConvWeightPacking mode) : saved_(stylealigned::conv_weight_packing()) {
+    stylealigned::configure_conv_weight_packing(mode);
+  }
+  ~ScopedConvPacking() { stylealigned::configure_conv_weight_packing(saved_); }
+  ScopedConvPacking(const ScopedConvPacking&) = delete;
+  ScopedConvPacking& operator=(const ScopedConvPacking&) = delete;
+
+ private:
+  stylealigned::ConvWeightPacking saved_;
+};
+
+// Both convolution layouts: plain NCHW (fp32's default) and packed weights on channels-last activations.
+const std::vector<std::pair<stylealigned::ConvWeightPacking, const char*>> kConvLayouts{
+    {stylealigned::ConvWeightPacking::never, "plain"}, {stylealigned::ConvWeightPacking::always, "packed"}};
 
 std::string unet_config_text(const std::string& model) {
   std::ifstream in(unet_folder(model) / "config.json");
@@ -444,21 +463,27 @@ TEST(unet, gradients_flow_to_every_parameter) {
 TEST(unet_parity, plain_forward_matches_diffusers) {
   const auto cases = cases_of_kind("unet");
   ASSERT_EQ(cases.size(), 8u);
-  for (const auto& c : cases) {
-    auto& unet = golden_unet(c.at("model"));
-    const auto& out = c.at("outputs").at("noise_pred");
-    const at::Tensor expected = golden_tensor(c, out);
-    const at::Tensor actual = run_case(unet, c);
-    const double atol = tolerance(out);
-    std::printf("  %-32s max abs err %.3g (atol %.3g)\n", c.at("id").get<std::string>().c_str(),
-                sa_test::max_abs_diff(actual, expected), atol);
-    EXPECT_ALLCLOSE(actual, expected, atol) << c.at("id");
+  for (const auto& [mode, layout_name] : kConvLayouts) {
+    ScopedConvPacking packing(mode);
+    for (const auto& c : cases) {
+      auto& unet = golden_unet(c.at("model"));
+      const auto& out = c.at("outputs").at("noise_pred");
+      const at::Tensor expected = golden_tensor(c, out);
+      const at::Tensor actual = run_case(unet, c);
+      const double atol = tolerance(out);
+      std::printf("  %-32s %-6s max abs err %.3g (atol %.3g)\n", c.at("id").get<std::string>().c_str(), layout_name,
+                  sa_test::max_abs_diff(actual, expected), atol);
+      EXPECT_TRUE(actual.is_contiguous()) << c.at("id") << " " << layout_name;
+      EXPECT_ALLCLOSE(actual, expected, atol) << c.at("id") << " " << layout_name;
+    }
   }
 }
 
 TEST(unet_parity, style_aligned_forward_matches_the_official_handler) {
   const auto cases = cases_of_kind("unet_style_aligned");
   ASSERT_EQ(cases.size(), 4u);
+  for (const auto& [mode, layout_name] : kConvLayouts) {
+  ScopedConvPacking packing(mode);
   for (const auto& c : cases) {
     auto& unet = golden_unet(c.at("model"));
     const auto& args = c.at("options").at("style_aligned_args");
@@ -486,12 +511,13 @@ TEST(unet_parity, style_aligned_forward_matches_the_official_handler) {
     unet->set_norm_hook(nullptr);
 
     const double atol = tolerance(out);
-    std::printf("  %-32s max abs err %.3g (atol %.3g)\n", c.at("id").get<std::string>().c_str(),
+    std::printf("  %-32s %-6s max abs err %.3g (atol %.3g)\n", c.at("id").get<std::string>().c_str(), layout_name,
                 sa_test::max_abs_diff(actual, expected), atol);
-    EXPECT_ALLCLOSE(actual, expected, atol) << c.at("id");
+    EXPECT_ALLCLOSE(actual, expected, atol) << c.at("id") << " " << layout_name;
     // StyleAligned must actually change the targets (the case would be vacuous otherwise).
     const at::Tensor plain = run_case(unet, c, &layout);
     EXPECT_GT(sa_test::max_abs_diff(plain, expected), 10 * atol) << c.at("id");
+  }
   }
 }
 
@@ -568,9 +594,84 @@ TEST(layers, conv_through_onednn_equals_at_conv2d) {
     EXPECT_TRUE(stylealigned::detail::onednn::conv2d(x, conv->weight, conv->bias, c.stride, c.padding).defined());
 #endif
   }
-  // A channels-last input is not the layout oneDNN is set up for here: it falls back, and stays right.
+  // A channels-last input is not the layout the plain kernel is set up for: the module copies it to NCHW first.
+  ScopedConvPacking never(stylealigned::ConvWeightPacking::never);
   stylealigned::models::layers::Conv2d conv(8, 8, 3, 1, 1);
   const at::Tensor x = at::randn({1, 8, 6, 6}).contiguous(at::MemoryFormat::ChannelsLast);
   EXPECT_FALSE(stylealigned::detail::onednn::conv2d(x, conv->weight, conv->bias, 1, 1).defined());
   EXPECT_LT((conv->forward(x) - at::conv2d(x, conv->weight, conv->bias, 1, 1)).abs().max().item<float>(), 1e-4);
+}
+
+// Packed convolutions (ConvWeightPacking::always, bf16's default): weights reordered once per module for oneDNN's
+// blocked kernels, activations channels-last. Same cases as above, from NCHW and channels-last inputs, must equal
+// at::conv2d; an in-place weight update or a new weight tensor must never be served from the stale packed copy.
+TEST(layers, packed_conv_equals_at_conv2d_and_follows_weight_updates) {
+  at::manual_seed(6);
+  at::NoGradGuard no_grad;
+  ScopedConvPacking always(stylealigned::ConvWeightPacking::always);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  struct Case {
+    int64_t n, cin, cout, hw, kernel, stride, padding;
+    bool bias;
+  };
+  for (const Case& c : std::vector<Case>{{2, 4, 32, 16, 3, 1, 1, true},
+                                         {1, 64, 48, 9, 3, 2, 1, true},
+                                         {3, 16, 16, 8, 3, 2, 0, true},
+                                         {2, 40, 24, 12, 1, 1, 0, true},
+                                         {2, 32, 32, 8, 3, 1, 1, false}}) {
+    stylealigned::models::layers::Conv2d conv(c.cin, c.cout, c.kernel, c.stride, c.padding);
+    if (!c.bias) conv->bias = at::Tensor();
+    const std::string what = fmt::format("{}->{} k{} s{}", c.cin, c.cout, c.kernel, c.stride);
+    for (const bool channels_last : {false, true}) {
+      at::Tensor x = at::randn({c.n, c.cin, c.hw, c.hw});
+      if (channels_last) x = x.contiguous(cl);
+      const at::Tensor expected =
+          at::conv2d(x.contiguous(), conv->weight, conv->bias, {c.stride, c.stride}, {c.padding, c.padding});
+      const at::Tensor got = conv->forward(x);
+      ASSERT_EQ(got.sizes(), expected.sizes()) << what;
+      EXPECT_LT((got - expected).abs().max().item<float>(), 1e-4) << what << " channels_last " << channels_last;
+#if STYLEALIGNED_EXPECT_ONEDNN
+      const at::Tensor direct = stylealigned::detail::onednn::conv2d_packed(
+          x, conv->weight, conv->bias, c.stride, c.padding, stylealigned::detail::onednn::PackedConvWeights());
+      ASSERT_TRUE(direct.defined()) << what;
+      EXPECT_TRUE(direct.is_contiguous(cl)) << what;
+      EXPECT_TRUE(got.is_contiguous(cl)) << what;
+#endif
+    }
+    // In place (what load_state_dict does) and replaced (what .to(dtype) does): the next call repacks.
+    const at::Tensor x = at::randn({c.n, c.cin, c.hw, c.hw});
+    conv->forward(x);
+    conv->weight.mul_(-2.0);
+    EXPECT_LT((conv->forward(x) - at::conv2d(x, conv->weight, conv->bias, c.stride, c.padding)).abs().max().item<float>(),
+              1e-4)
+        << what << " after an in-place update";
+    conv->weight = at::randn_like(conv->weight);
+    EXPECT_LT((conv->forward(x) - at::conv2d(x, conv->weight, conv->bias, c.stride, c.padding)).abs().max().item<float>(),
+              1e-4)
+        << what << " after a new weight tensor";
+  }
+}
+
+// bf16 on the packed path (the CPU default where bf16 is native; elsewhere ATen's bf16 kernel): equal to the fp32
+// convolution of the same bf16-rounded values within bf16 output rounding.
+TEST(layers, bf16_conv_matches_fp32_of_the_rounded_values) {
+  at::manual_seed(7);
+  at::NoGradGuard no_grad;
+  stylealigned::models::layers::Conv2d conv(64, 32, 3, 1, 1);
+  conv->weight = conv->weight.to(at::kBFloat16);
+  conv->bias = conv->bias.to(at::kBFloat16);
+  const at::Tensor x = at::randn({2, 64, 12, 12}).to(at::kBFloat16);
+  const at::Tensor expected = at::conv2d(x.to(at::kFloat), conv->weight.to(at::kFloat), conv->bias.to(at::kFloat), 1, 1);
+  const at::Tensor got = conv->forward(x);
+  ASSERT_EQ(got.scalar_type(), at::kBFloat16);
+  // Outputs are O(1): one bf16 rounding of the result is <= 2^-8 relative; 3e-2 absolute covers |y| up to ~4.
+  const double err = (got.to(at::kFloat) - expected).abs().max().item<double>();
+  std::printf("  bf16 conv max abs err %.3g (max |y| %.3g)\n", err, expected.abs().max().item<double>());
+  EXPECT_LT(err, 3e-2 * std::max(1.0, expected.abs().max().item<double>() / 4.0));
+#if STYLEALIGNED_EXPECT_ONEDNN
+  if (stylealigned::cpu_has_native_bf16()) {
+    EXPECT_TRUE(stylealigned::detail::onednn::pack_conv_weights(at::kBFloat16));
+    EXPECT_TRUE(got.is_contiguous(at::MemoryFormat::ChannelsLast));
+  }
+#endif
 }

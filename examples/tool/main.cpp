@@ -17,6 +17,11 @@ int main(int argc, char** argv) {
   app.fallthrough();
   int threads = 0;
   app.add_option("--threads", threads, "CPU threads for libtorch (default: all cores)");
+  std::string conv_packing;
+  app.add_option("--conv-packing", conv_packing,
+                 "auto, always or never: convolution weights reordered once for oneDNN's fast blocked kernels "
+                 "(auto: bf16 only, as it costs a second copy of the convolution weights)")
+      ->check(CLI::IsMember({"auto", "always", "never"}));
 
   sa_tool::StudyOptions showcase;
   auto* demo_cmd = app.add_subcommand(
@@ -62,6 +67,9 @@ int main(int argc, char** argv) {
   }
   try {
     stylealigned::configure_threads(threads);
+    if (!conv_packing.empty()) {
+      stylealigned::configure_conv_weight_packing(stylealigned::parse_conv_weight_packing(conv_packing));
+    }
     stylealigned::configure_large_tensor_pages();
     if (demo_cmd->parsed()) return showcase.layer ? sa_tool::run_demo(demo) : sa_tool::run_showcase(showcase);
     if (study_cmd->parsed()) return sa_tool::run_study(study);

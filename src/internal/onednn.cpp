@@ -27,6 +27,13 @@ bool enabled() { return false; }
 at::Tensor linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
 at::Tensor conv2d(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) { return {}; }
 bool bmm_out(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+struct PackedConvWeights::State {};
+PackedConvWeights::PackedConvWeights() : state_(std::make_shared<State>()) {}
+at::Tensor conv2d_packed(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                         const PackedConvWeights&) {
+  return {};
+}
+bool pack_conv_weights(at::ScalarType) { return false; }
 struct GemmPlan::Impl {};
 void GemmPlan::run(const void*, const void*, float*) const {}
 std::unique_ptr<GemmPlan> plan_gemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
@@ -230,6 +237,97 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   RECORD_FUNCTION("stylealigned::conv2d", std::vector<c10::IValue>());
   at::Tensor y = at::empty({n, o, oh, ow}, x.options());
   execute(e, x.data_ptr(), w.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
+  return y;
+}
+
+// One reordered copy per weight layout asked for (one in practice: the layout depends on the channel counts and
+// the ISA, not on the image size), valid for one (storage, version) of the plain weight.
+struct PackedConvWeights::State {
+  std::mutex mutex;
+  const void* source = nullptr;
+  int64_t version = -1;
+  std::vector<std::pair<md, at::Tensor>> copies;
+};
+
+PackedConvWeights::PackedConvWeights() : state_(std::make_shared<State>()) {}
+
+bool pack_conv_weights(at::ScalarType dtype) {
+  if (!enabled()) return false;
+  switch (conv_weight_packing()) {
+    case ConvWeightPacking::always:
+      return true;
+    case ConvWeightPacking::never:
+      return false;
+    case ConvWeightPacking::automatic:
+      break;
+  }
+  return dtype == at::kBFloat16;
+}
+
+at::Tensor conv2d_packed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride,
+                         int64_t padding, const PackedConvWeights& packed) {
+  const auto dt = product_dtype(x, w, bias);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  if (!enabled() || dt == dnnl::memory::data_type::undef || under_autograd({&x, &w, &bias}) || x.dim() != 4 ||
+      w.dim() != 4 || !(x.is_contiguous() || x.is_contiguous(cl)) || !w.is_contiguous() || x.size(1) != w.size(1) ||
+      w.size(2) != w.size(3) || stride < 1 || padding < 0 ||
+      (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
+    return {};
+  }
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), o = w.size(0), kk = w.size(2);
+  const int64_t oh = (h + 2 * padding - kk) / stride + 1, ow = (wd + 2 * padding - kk) / stride + 1;
+  if (n == 0 || oh <= 0 || ow <= 0) return {};
+  const std::vector<int64_t> key{5, n, c, h, wd, o, kk, stride, padding, bias.defined() ? 1 : 0,
+                                 static_cast<int64_t>(dt)};
+  const Entry e = cache().get(key, [&] {
+    Entry r;
+    using tag = dnnl::memory::format_tag;
+    r.src = md(dims{n, c, h, wd}, dt, tag::nhwc);
+    const md any_weights(dims{o, c, kk, kk}, dt, tag::any);
+    r.dst = md(dims{n, o, oh, ow}, dt, tag::nhwc);
+    if (bias.defined()) r.bias = md(dims{o}, dt, tag::x);
+    const dims strides{stride, stride}, pad{padding, padding};
+    const auto desc = bias.defined()
+                          ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                            dnnl::algorithm::convolution_direct, r.src, any_weights,
+                                                            r.bias, r.dst, strides, pad, pad)
+                          : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                            dnnl::algorithm::convolution_direct, r.src, any_weights,
+                                                            r.dst, strides, pad, pad);
+    const dnnl::convolution_forward::primitive_desc pd(desc, cpu_engine());
+    r.weights = pd.weights_desc();
+    r.usable = fast_impl(pd) && pd.src_desc() == r.src && pd.dst_desc() == r.dst;
+    if (r.usable) r.primitive = dnnl::convolution_forward(pd);
+    return r;
+  });
+  if (!e.usable) return {};
+  RECORD_FUNCTION("stylealigned::conv2d", std::vector<c10::IValue>());
+
+  at::Tensor weights;
+  {
+    PackedConvWeights::State& s = packed.state();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (s.source != w.data_ptr() || s.version != static_cast<int64_t>(w._version())) {
+      s.copies.clear();
+      s.source = w.data_ptr();
+      s.version = static_cast<int64_t>(w._version());
+    }
+    for (const auto& [layout, copy] : s.copies) {
+      if (layout == e.weights) weights = copy;
+    }
+    if (!weights.defined()) {
+      weights = at::empty({static_cast<int64_t>(e.weights.get_size())}, w.options().dtype(at::kByte));
+      auto& engine = cpu_engine();
+      dnnl::memory plain(md(dims{o, c, kk, kk}, dt, dnnl::memory::format_tag::oihw), engine, w.data_ptr());
+      dnnl::memory blocked(e.weights, engine, weights.data_ptr());
+      dnnl::reorder(plain, blocked).execute(cpu_stream(), plain, blocked);
+      cpu_stream().wait();
+      s.copies.emplace_back(e.weights, weights);
+    }
+  }
+  const at::Tensor src = x.is_contiguous(cl) ? x : x.contiguous(cl);
+  at::Tensor y = at::empty({n, o, oh, ow}, x.options().memory_format(cl));
+  execute(e, src.data_ptr(), weights.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
   return y;
 }
 

@@ -65,9 +65,17 @@ Conv2dImpl::Conv2dImpl(int64_t in_channels, int64_t out_channels, int64_t kernel
 }
 
 at::Tensor Conv2dImpl::forward(const at::Tensor& x) {
-  at::Tensor y = detail::onednn::conv2d(x, weight, bias, stride_, padding_);
+  namespace onednn = ::stylealigned::detail::onednn;
+  if (onednn::pack_conv_weights(x.scalar_type())) {
+    at::Tensor y = onednn::conv2d_packed(x, weight, bias, stride_, padding_, packed_);
+    if (y.defined()) return y;
+  }
+  // The plain kernels read NCHW; a channels-last input (from a packed neighbour, or a host's tensor) is copied
+  // once rather than left to ATen's path, which reorders the weight on every call.
+  const at::Tensor input = x.is_cpu() && !x.is_contiguous() ? x.contiguous() : x;
+  at::Tensor y = onednn::conv2d(input, weight, bias, stride_, padding_);
   if (y.defined()) return y;
-  return at::conv2d(x, weight, bias, {stride_, stride_}, {padding_, padding_});
+  return at::conv2d(input, weight, bias, {stride_, stride_}, {padding_, padding_});
 }
 
 LayerNormImpl::LayerNormImpl(int64_t dim, double eps) : torch::nn::Module("LayerNorm"), dim_(dim), eps_(eps) {
@@ -267,11 +275,14 @@ at::Tensor Transformer2DModelImpl::forward(const at::Tensor& x, const at::Tensor
 
   for (auto& block : blocks) h = block->forward(h, context, ctx);
 
+  // Back to the layout the block came in with: channels-last activations (packed convolutions) get the
+  // [B, H, W, C] result as a view, NCHW ones the copy diffusers makes.
+  const auto layout = x.suggest_memory_format();
   if (spec_.use_linear_projection) {
     h = proj_out_linear->forward(h);
-    h = h.reshape({batch, height, width, h.size(-1)}).permute({0, 3, 1, 2}).contiguous();
+    h = h.reshape({batch, height, width, h.size(-1)}).permute({0, 3, 1, 2}).contiguous(layout);
   } else {
-    h = h.reshape({batch, height, width, inner}).permute({0, 3, 1, 2}).contiguous();
+    h = h.reshape({batch, height, width, inner}).permute({0, 3, 1, 2}).contiguous(layout);
     h = proj_out_conv->forward(h);
   }
   return h + x;

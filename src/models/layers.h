@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "internal/onednn.h"
 #include "stylealigned/attention.h"
 #include "stylealigned/batch_layout.h"
 
@@ -64,6 +65,7 @@ class Conv2dImpl : public torch::nn::Module {
  private:
   int64_t stride_;
   int64_t padding_;
+  ::stylealigned::detail::onednn::PackedConvWeights packed_;
 };
 TORCH_MODULE(Conv2d);
 

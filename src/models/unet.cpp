@@ -609,7 +609,9 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample_in, const 
   }
 
   sample = at::silu(p.conv_norm_out->forward(sample, ctx));
-  return p.conv_out->forward(sample);
+  // NCHW out whatever layout the blocks ran in (packed convolutions give channels-last): callers and the
+  // scheduler index latents as plain tensors.
+  return p.conv_out->forward(sample).contiguous();
 }
 
 UNet2DConditionModel UNet2DConditionModel::from_config(const UNetConfig& config) {

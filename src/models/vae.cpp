@@ -281,6 +281,7 @@ DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& image) {
   const layers::ForwardContext ctx{layout};
   at::Tensor moments = parts_->encoder->forward(image, ctx);
   if (!parts_->quant_conv.is_empty()) moments = parts_->quant_conv->forward(moments);
+  moments = moments.contiguous();  // NCHW out even where packed convolutions ran channels-last
   auto halves = moments.chunk(2, 1);
   DiagonalGaussian posterior;
   posterior.mean = halves[0];
@@ -294,7 +295,7 @@ at::Tensor AutoencoderKLImpl::decode(const at::Tensor& latents) {
   const BatchLayout layout = BatchLayout::independent(latents.size(0));
   const layers::ForwardContext ctx{layout};
   at::Tensor z = parts_->post_quant_conv.is_empty() ? latents : parts_->post_quant_conv->forward(latents);
-  return parts_->decoder->forward(z, ctx);
+  return parts_->decoder->forward(z, ctx).contiguous();  // NCHW out even where convolutions ran channels-last
 }
 
 AutoencoderKL AutoencoderKL::from_config(const VAEConfig& config) {
