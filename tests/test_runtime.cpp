@@ -7,6 +7,7 @@
 #include <fstream>
 #include <string>
 
+#include "stylealigned/error.h"
 #include "stylealigned/runtime.h"
 
 namespace {
@@ -86,3 +87,23 @@ TEST(runtime, configure_threads_sets_the_requested_count) {
 }
 
 }  // namespace
+
+TEST(runtime, conv_weight_packing_parses_sets_and_names_bad_values) {
+  using stylealigned::ConvWeightPacking;
+  const ConvWeightPacking saved = stylealigned::conv_weight_packing();
+  for (const char* name : {"auto", "always", "never"}) {
+    const ConvWeightPacking mode = stylealigned::parse_conv_weight_packing(name);
+    EXPECT_STREQ(stylealigned::to_string(mode), name);
+    stylealigned::configure_conv_weight_packing(mode);
+    EXPECT_EQ(stylealigned::conv_weight_packing(), mode);
+  }
+  stylealigned::configure_conv_weight_packing(saved);
+  try {
+    stylealigned::parse_conv_weight_packing("sometimes", "--conv-packing");
+    ADD_FAILURE() << "no error for 'sometimes'";
+  } catch (const stylealigned::Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("--conv-packing"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("sometimes"), std::string::npos) << msg;
+  }
+}
