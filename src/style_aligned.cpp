@@ -256,31 +256,34 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
     if (o.adain_keys) std::tie(k_mean, k_std) = calc_mean_std(kr);
     if (o.adain_values) std::tie(v_mean, v_std) = calc_mean_std(vr);
 
-    // Target rows one at a time: the AdaIN'd copies and partial results then cost one row each, and the kernel
-    // works row by row anyway.
-    for (int64_t t = g.begin; t < g.end; ++t) {
-      if (t == r) continue;
-      const at::Tensor qt = o.adain_queries ? adain_to(q.narrow(0, t, 1), q_mean, q_std) : q.narrow(0, t, 1);
-      const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t, 1), k_mean, k_std) : k.narrow(0, t, 1);
-      const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t, 1), v_mean, v_std) : v.narrow(0, t, 1);
+    // The targets of a group are at most two runs of consecutive rows (before and after the reference); each run is
+    // one kernel call, so its parallel loop covers every target's heads and query blocks (one call per row left
+    // the cores short of work at 256-1024 tokens) and the shared reference keys stay hot across the run.
+    const std::pair<int64_t, int64_t> runs[] = {{g.begin, r}, {r + 1, g.end}};
+    for (const auto& [t, t_end] : runs) {
+      const int64_t n = t_end - t;
+      if (n <= 0) continue;
+      const at::Tensor qt = o.adain_queries ? adain_to(q.narrow(0, t, n), q_mean, q_std) : q.narrow(0, t, n);
+      const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t, n), k_mean, k_std) : k.narrow(0, t, n);
+      const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t, n), v_mean, v_std) : v.narrow(0, t, n);
       at::Tensor result;
       if (o.share_attention && bf16_products) {
         // AdaIN'd rows rounded once to bf16; rows AdaIN left alone are the bf16 originals (no round trip).
         auto product_row = [&](bool normalised, const at::Tensor& row, const at::Tensor& original) {
-          return normalised ? row.to(at::kBFloat16) : original.narrow(0, t, 1);
+          return normalised ? row.to(at::kBFloat16) : original.narrow(0, t, n);
         };
-        at::Tensor row = detail::token_major_output(1, heads, tokens, dv, q.options().dtype(at::kFloat));
+        at::Tensor row = detail::token_major_output(n, heads, tokens, dv, q.options().dtype(at::kFloat));
         if (detail::attention_over_own_and_reference_cpu(
                 product_row(o.adain_queries, qt, q_in), product_row(o.adain_keys, kt, k_in),
                 product_row(o.adain_values, vt, v_in), ks.narrow(0, r, 1), vs.narrow(0, r, 1), call.scale,
                 o.shared_score_scale, o.shared_score_shift, attention_, row)) {
-          out.narrow(0, t, 1).copy_(row);
+          out.narrow(0, t, n).copy_(row);
           continue;
         }
       }
       if (o.share_attention &&
           detail::attention_over_own_and_reference_cpu(qt, kt, vt, kr, vr, call.scale, o.shared_score_scale,
-                                                       o.shared_score_shift, attention_, out.narrow(0, t, 1))) {
+                                                       o.shared_score_shift, attention_, out.narrow(0, t, n))) {
         continue;  // written in place: one softmax over [own ; reference] keys
       }
       if (o.share_attention) {
@@ -293,7 +296,7 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
       } else {
         result = scaled_dot_product_attention(qt, kt, vt, call.scale, attention_, call.upcast);
       }
-      out.narrow(0, t, 1).copy_(result);
+      out.narrow(0, t, n).copy_(result);
     }
   }
   return out;
