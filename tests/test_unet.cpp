@@ -569,22 +569,30 @@ TEST(layers, linear_through_onednn_equals_at_linear) {
   EXPECT_TRUE(x.grad().defined());
 }
 
+// Every convolution kind the models use: 3x3 same, 3x3 stride 2 with and without padding, 1x1, with and without bias.
+struct ConvCase {
+  int64_t n, cin, cout, hw, kernel, stride, padding;
+  bool bias;
+};
+const std::vector<ConvCase> kConvCases{{2, 4, 32, 16, 3, 1, 1, true},
+                                       {1, 64, 48, 9, 3, 2, 1, true},
+                                       {3, 16, 16, 8, 3, 2, 0, true},
+                                       {2, 40, 24, 12, 1, 1, 0, true},
+                                       {2, 32, 32, 8, 3, 1, 1, false}};
+
+stylealigned::models::layers::Conv2d make_case_conv(const ConvCase& c) {
+  stylealigned::models::layers::Conv2d conv(c.cin, c.cout, c.kernel, c.stride, c.padding);
+  if (!c.bias) conv->bias = at::Tensor();
+  return conv;
+}
+
 // fp32 CPU inference sends convolutions through oneDNN on the plain NCHW / OIHW layout; every kind the models
 // use (3x3 same, 3x3 stride 2 with and without padding, 1x1, with and without bias) must equal at::conv2d.
 TEST(layers, conv_through_onednn_equals_at_conv2d) {
   at::manual_seed(5);
   at::NoGradGuard no_grad;
-  struct Case {
-    int64_t n, cin, cout, hw, kernel, stride, padding;
-    bool bias;
-  };
-  for (const Case& c : std::vector<Case>{{2, 4, 32, 16, 3, 1, 1, true},
-                                         {1, 64, 48, 9, 3, 2, 1, true},
-                                         {3, 16, 16, 8, 3, 2, 0, true},
-                                         {2, 40, 24, 12, 1, 1, 0, true},
-                                         {2, 32, 32, 8, 3, 1, 1, false}}) {
-    stylealigned::models::layers::Conv2d conv(c.cin, c.cout, c.kernel, c.stride, c.padding);
-    if (!c.bias) conv->bias = at::Tensor();
+  for (const ConvCase& c : kConvCases) {
+    stylealigned::models::layers::Conv2d conv = make_case_conv(c);
     const at::Tensor x = at::randn({c.n, c.cin, c.hw, c.hw});
     const at::Tensor expected = at::conv2d(x, conv->weight, conv->bias, {c.stride, c.stride}, {c.padding, c.padding});
     const at::Tensor got = conv->forward(x);
@@ -610,17 +618,8 @@ TEST(layers, packed_conv_equals_at_conv2d_and_follows_weight_updates) {
   at::NoGradGuard no_grad;
   ScopedConvPacking always(stylealigned::ConvWeightPacking::always);
   const auto cl = at::MemoryFormat::ChannelsLast;
-  struct Case {
-    int64_t n, cin, cout, hw, kernel, stride, padding;
-    bool bias;
-  };
-  for (const Case& c : std::vector<Case>{{2, 4, 32, 16, 3, 1, 1, true},
-                                         {1, 64, 48, 9, 3, 2, 1, true},
-                                         {3, 16, 16, 8, 3, 2, 0, true},
-                                         {2, 40, 24, 12, 1, 1, 0, true},
-                                         {2, 32, 32, 8, 3, 1, 1, false}}) {
-    stylealigned::models::layers::Conv2d conv(c.cin, c.cout, c.kernel, c.stride, c.padding);
-    if (!c.bias) conv->bias = at::Tensor();
+  for (const ConvCase& c : kConvCases) {
+    stylealigned::models::layers::Conv2d conv = make_case_conv(c);
     const std::string what = fmt::format("{}->{} k{} s{}", c.cin, c.cout, c.kernel, c.stride);
     for (const bool channels_last : {false, true}) {
       at::Tensor x = at::randn({c.n, c.cin, c.hw, c.hw});

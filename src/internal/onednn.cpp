@@ -200,43 +200,72 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   return y;
 }
 
-at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride, int64_t padding) {
+namespace {
+
+// A cached convolution primitive and its output shape.
+struct ConvCall {
+  Entry entry;
+  int64_t n = 0, o = 0, oh = 0, ow = 0;
+};
+
+// The primitive for x * w (+ bias) in the plain layout (NCHW activations, OIHW weights as stored: x must be
+// NCHW-contiguous) or the packed one (NHWC activations, weights in the blocked layout oneDNN picks, read from
+// entry.weights: x may be NCHW- or channels-last-contiguous). Unusable entry: oneDNN does not take the call.
+ConvCall conv_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride, int64_t padding,
+                   bool packed) {
   const auto dt = product_dtype(x, w, bias);
-  if (!enabled() || dt == dnnl::memory::data_type::undef ||
-      under_autograd({&x, &w, &bias}) || x.dim() != 4 || w.dim() != 4 || !x.is_contiguous() || !w.is_contiguous() ||
-      x.size(1) != w.size(1) || w.size(2) != w.size(3) || stride < 1 || padding < 0 ||
+  const bool x_layout_ok =
+      packed ? x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast) : x.is_contiguous();
+  if (!enabled() || dt == dnnl::memory::data_type::undef || under_autograd({&x, &w, &bias}) || x.dim() != 4 ||
+      w.dim() != 4 || !x_layout_ok || !w.is_contiguous() || x.size(1) != w.size(1) || w.size(2) != w.size(3) ||
+      stride < 1 || padding < 0 ||
       (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
     return {};
   }
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), o = w.size(0), kk = w.size(2);
-  const int64_t oh = (h + 2 * padding - kk) / stride + 1, ow = (wd + 2 * padding - kk) / stride + 1;
+  ConvCall call;
+  const int64_t c = x.size(1), h = x.size(2), wd = x.size(3), kk = w.size(2);
+  call.n = x.size(0);
+  call.o = w.size(0);
+  call.oh = (h + 2 * padding - kk) / stride + 1;
+  call.ow = (wd + 2 * padding - kk) / stride + 1;
+  const int64_t n = call.n, o = call.o, oh = call.oh, ow = call.ow;
   if (n == 0 || oh <= 0 || ow <= 0) return {};
-  const std::vector<int64_t> key{2, n, c, h, wd, o, kk, stride, padding, bias.defined() ? 1 : 0,
+  const std::vector<int64_t> key{packed ? 5 : 2, n, c, h, wd, o, kk, stride, padding, bias.defined() ? 1 : 0,
                                  static_cast<int64_t>(dt)};
-  const Entry e = cache().get(key, [&] {
+  call.entry = cache().get(key, [&] {
     Entry r;
     using tag = dnnl::memory::format_tag;
-    r.src = md(dims{n, c, h, wd}, dt, tag::nchw);
-    r.weights = md(dims{o, c, kk, kk}, dt, tag::oihw);  // plain: the gemm-based kernel reads it as stored
-    r.dst = md(dims{n, o, oh, ow}, dt, tag::nchw);
+    const tag activations = packed ? tag::nhwc : tag::nchw;
+    r.src = md(dims{n, c, h, wd}, dt, activations);
+    // Plain: the gemm-based kernel reads the weight as stored. Packed: oneDNN picks, and the weight is reordered.
+    const md weights(dims{o, c, kk, kk}, dt, packed ? tag::any : tag::oihw);
+    r.dst = md(dims{n, o, oh, ow}, dt, activations);
     if (bias.defined()) r.bias = md(dims{o}, dt, tag::x);
     const dims strides{stride, stride}, pad{padding, padding};
     const auto desc = bias.defined()
                           ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
-                                                            dnnl::algorithm::convolution_direct, r.src, r.weights,
+                                                            dnnl::algorithm::convolution_direct, r.src, weights,
                                                             r.bias, r.dst, strides, pad, pad)
                           : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
-                                                            dnnl::algorithm::convolution_direct, r.src, r.weights,
+                                                            dnnl::algorithm::convolution_direct, r.src, weights,
                                                             r.dst, strides, pad, pad);
     const dnnl::convolution_forward::primitive_desc pd(desc, cpu_engine());
-    r.usable = fast_impl(pd) && pd.src_desc() == r.src && pd.weights_desc() == r.weights && pd.dst_desc() == r.dst;
+    r.weights = pd.weights_desc();
+    r.usable = fast_impl(pd) && pd.src_desc() == r.src && pd.dst_desc() == r.dst && (packed || r.weights == weights);
     if (r.usable) r.primitive = dnnl::convolution_forward(pd);
     return r;
   });
-  if (!e.usable) return {};
+  return call;
+}
+
+}  // namespace
+
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride, int64_t padding) {
+  const ConvCall call = conv_call(x, w, bias, stride, padding, /*packed=*/false);
+  if (!call.entry.usable) return {};
   RECORD_FUNCTION("stylealigned::conv2d", std::vector<c10::IValue>());
-  at::Tensor y = at::empty({n, o, oh, ow}, x.options());
-  execute(e, x.data_ptr(), w.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
+  at::Tensor y = at::empty({call.n, call.o, call.oh, call.ow}, x.options());
+  execute(call.entry, x.data_ptr(), w.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
   return y;
 }
 
@@ -266,40 +295,8 @@ bool pack_conv_weights(at::ScalarType dtype) {
 
 at::Tensor conv2d_packed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride,
                          int64_t padding, const PackedConvWeights& packed) {
-  const auto dt = product_dtype(x, w, bias);
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  if (!enabled() || dt == dnnl::memory::data_type::undef || under_autograd({&x, &w, &bias}) || x.dim() != 4 ||
-      w.dim() != 4 || !(x.is_contiguous() || x.is_contiguous(cl)) || !w.is_contiguous() || x.size(1) != w.size(1) ||
-      w.size(2) != w.size(3) || stride < 1 || padding < 0 ||
-      (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
-    return {};
-  }
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), o = w.size(0), kk = w.size(2);
-  const int64_t oh = (h + 2 * padding - kk) / stride + 1, ow = (wd + 2 * padding - kk) / stride + 1;
-  if (n == 0 || oh <= 0 || ow <= 0) return {};
-  const std::vector<int64_t> key{5, n, c, h, wd, o, kk, stride, padding, bias.defined() ? 1 : 0,
-                                 static_cast<int64_t>(dt)};
-  const Entry e = cache().get(key, [&] {
-    Entry r;
-    using tag = dnnl::memory::format_tag;
-    r.src = md(dims{n, c, h, wd}, dt, tag::nhwc);
-    const md any_weights(dims{o, c, kk, kk}, dt, tag::any);
-    r.dst = md(dims{n, o, oh, ow}, dt, tag::nhwc);
-    if (bias.defined()) r.bias = md(dims{o}, dt, tag::x);
-    const dims strides{stride, stride}, pad{padding, padding};
-    const auto desc = bias.defined()
-                          ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
-                                                            dnnl::algorithm::convolution_direct, r.src, any_weights,
-                                                            r.bias, r.dst, strides, pad, pad)
-                          : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
-                                                            dnnl::algorithm::convolution_direct, r.src, any_weights,
-                                                            r.dst, strides, pad, pad);
-    const dnnl::convolution_forward::primitive_desc pd(desc, cpu_engine());
-    r.weights = pd.weights_desc();
-    r.usable = fast_impl(pd) && pd.src_desc() == r.src && pd.dst_desc() == r.dst;
-    if (r.usable) r.primitive = dnnl::convolution_forward(pd);
-    return r;
-  });
+  const ConvCall call = conv_call(x, w, bias, stride, padding, /*packed=*/true);
+  const Entry& e = call.entry;
   if (!e.usable) return {};
   RECORD_FUNCTION("stylealigned::conv2d", std::vector<c10::IValue>());
 
@@ -318,15 +315,17 @@ at::Tensor conv2d_packed(const at::Tensor& x, const at::Tensor& w, const at::Ten
     if (!weights.defined()) {
       weights = at::empty({static_cast<int64_t>(e.weights.get_size())}, w.options().dtype(at::kByte));
       auto& engine = cpu_engine();
-      dnnl::memory plain(md(dims{o, c, kk, kk}, dt, dnnl::memory::format_tag::oihw), engine, w.data_ptr());
+      const md stored(dims(w.sizes().begin(), w.sizes().end()), e.weights.data_type(), dnnl::memory::format_tag::oihw);
+      dnnl::memory plain(stored, engine, w.data_ptr());
       dnnl::memory blocked(e.weights, engine, weights.data_ptr());
       dnnl::reorder(plain, blocked).execute(cpu_stream(), plain, blocked);
       cpu_stream().wait();
       s.copies.emplace_back(e.weights, weights);
     }
   }
+  const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor src = x.is_contiguous(cl) ? x : x.contiguous(cl);
-  at::Tensor y = at::empty({n, o, oh, ow}, x.options().memory_format(cl));
+  at::Tensor y = at::empty({call.n, call.o, call.oh, call.ow}, x.options().memory_format(cl));
   execute(e, src.data_ptr(), weights.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
   return y;
 }
