@@ -138,27 +138,38 @@ __attribute__((target("avx2,fma"))) void exp_rows_avx2(float* data, int64_t rows
 
 // The same kernel on 16 lanes: on CPUs with full-width AVX-512 units (Zen 5, Xeons) it halves the exp pass,
 // which at head_dim 40 otherwise costs as much as both attention GEMMs together (0.47 ns vs 0.25 ns per score per
-// core measured in the SD1.5 attention core on the 2-core EPYC).
+// core measured in the SD1.5 attention core on the 2-core EPYC). Its exp is base 2 with AVX-512's scalef: the
+// whole SD1.5 4096-token attention core ran 4-6% faster than with the Cephes kernel (interleaved in one process).
 // GCC 12 flags the _mm512_undefined_ps() pass-through operands inside its own intrinsics (a known false
 // positive); nothing here reads an uninitialised value.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-__attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // like the AVX2 max: NaN (second operand) propagates
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(pow2n));
+
+// 2^y for y <= 0: y = n + f, |f| <= 1/2, a degree-6 minimax polynomial for 2^f (relative error 1.9e-9 before
+// float rounding, 7.6e-8 after: under 1 ulp, like the AVX2 Cephes kernel above), and scalef for the 2^n, which
+// also takes results gracefully through the denormals to 0. With the product by log2 e, ten vector operations
+// against the Cephes kernel's fifteen. Clamped at -150, where 2^y is 0 in float, so -inf gives 0 and not NaN;
+// max_ps passes a NaN (second operand) through.
+__attribute__((target("avx512f"))) inline __m512 exp2_nonpositive16(__m512 y) {
+  y = _mm512_max_ps(_mm512_set1_ps(-150.0f), y);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.5345812426e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399930904e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184890717e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503286421e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022646248e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// e^d for d = alpha · row - max (one FMA, as in the AVX2 kernel), as 2^(d · log2 e). The product is taken after
+// the subtraction: folding log2 e into alpha and the max instead rounds both, which moves d by up to 3e-6 at
+// logits of 60 and e^d next to the maximum by as much.
+__attribute__((target("avx512f"))) inline __m512 exp_via2(__m512 d) {
+  return exp2_nonpositive16(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)));
 }
 
 __attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t rows, int64_t cols, int64_t ld,
@@ -183,10 +194,10 @@ __attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t row
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     j = 0;
     for (; j + 64 <= vec_end; j += 64) {
-      const __m512 e0 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j), vm));
-      const __m512 e1 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 16), vm));
-      const __m512 e2 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 32), vm));
-      const __m512 e3 = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 48), vm));
+      const __m512 e0 = exp_via2(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j), vm));
+      const __m512 e1 = exp_via2(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 16), vm));
+      const __m512 e2 = exp_via2(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 32), vm));
+      const __m512 e3 = exp_via2(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j + 48), vm));
       _mm512_storeu_ps(x + j, e0);
       _mm512_storeu_ps(x + j + 16, e1);
       _mm512_storeu_ps(x + j + 32, e2);
@@ -197,7 +208,7 @@ __attribute__((target("avx512f"))) void exp_rows_avx512(float* data, int64_t row
       s3 = _mm512_add_ps(s3, e3);
     }
     for (; j < vec_end; j += 16) {
-      const __m512 e = exp_nonpositive16(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j), vm));
+      const __m512 e = exp_via2(_mm512_fmsub_ps(va, _mm512_loadu_ps(x + j), vm));
       _mm512_storeu_ps(x + j, e);
       s0 = _mm512_add_ps(s0, e);
     }
