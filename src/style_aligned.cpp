@@ -94,6 +94,50 @@ StyleAlignedOptions StyleAlignedOptions::transfer_notebook() {
   return o;
 }
 
+void StyleAlignedOptions::set(const std::string& field, const std::string& value) {
+  const auto parse_flag = [&](bool& out) {
+    if (value == "true" || value == "1") {
+      out = true;
+    } else if (value == "false" || value == "0") {
+      out = false;
+    } else {
+      throw Error(fmt::format("StyleAlignedOptions: {} takes true/false/1/0, got '{}'", field, value));
+    }
+  };
+  const auto parse_number = [&](double& out) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(value, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != value.size()) {
+      throw Error(fmt::format("StyleAlignedOptions: {} takes a number, got '{}'", field, value));
+    }
+    out = v;
+  };
+  struct Flag { const char* name; bool StyleAlignedOptions::*member; };
+  struct Number { const char* name; double StyleAlignedOptions::*member; };
+  static constexpr Flag flags[] = {{"share_group_norm", &StyleAlignedOptions::share_group_norm},
+                                   {"share_layer_norm", &StyleAlignedOptions::share_layer_norm},
+                                   {"share_attention", &StyleAlignedOptions::share_attention},
+                                   {"adain_queries", &StyleAlignedOptions::adain_queries},
+                                   {"adain_keys", &StyleAlignedOptions::adain_keys},
+                                   {"adain_values", &StyleAlignedOptions::adain_values},
+                                   {"full_attention_share", &StyleAlignedOptions::full_attention_share}};
+  static constexpr Number numbers[] = {{"shared_score_scale", &StyleAlignedOptions::shared_score_scale},
+                                       {"shared_score_shift", &StyleAlignedOptions::shared_score_shift},
+                                       {"only_self_level", &StyleAlignedOptions::only_self_level}};
+  for (const auto& f : flags) {
+    if (field == f.name) return parse_flag(this->*f.member);
+  }
+  for (const auto& n : numbers) {
+    if (field == n.name) return parse_number(this->*n.member);
+  }
+  throw Error(fmt::format("StyleAlignedOptions: unknown option '{}' (the fields are those of to_string())", field));
+}
+
 void StyleAlignedOptions::validate() const {
   if (!std::isfinite(shared_score_scale)) {
     throw Error(fmt::format("StyleAlignedOptions: shared_score_scale must be finite, got {}", shared_score_scale));

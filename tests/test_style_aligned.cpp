@@ -378,6 +378,25 @@ TEST(style_aligned, options_presets_and_validation) {
   bad.only_self_level = 1.2;
   expect_error([&] { bad.validate(); }, "only_self_level");
   expect_error([&] { StyleAlignedProcessor p(bad); }, "only_self_level");
+
+  // set(): every field by name, round-tripping through to_string(); bad names and values name the field.
+  auto named = StyleAlignedOptions::sdxl_demo();
+  named.set("share_group_norm", "true");
+  named.set("adain_keys", "0");
+  named.set("full_attention_share", "1");
+  named.set("shared_score_shift", "0.5");
+  named.set("shared_score_scale", "2");
+  named.set("only_self_level", "0.25");
+  EXPECT_TRUE(named.share_group_norm && named.full_attention_share && named.adain_queries);
+  EXPECT_FALSE(named.adain_keys);
+  EXPECT_EQ(named.shared_score_shift, 0.5);
+  EXPECT_EQ(named.shared_score_scale, 2.0);
+  EXPECT_EQ(named.only_self_level, 0.25);
+  expect_error([&] { named.set("shared_score_shiftt", "1"); }, "shared_score_shiftt");
+  expect_error([&] { named.set("adain_values", "yes"); }, "adain_values");
+  expect_error([&] { named.set("shared_score_shift", "0.5x"); }, "shared_score_shift");
+  expect_error([&] { named.set("only_self_level", ""); }, "only_self_level");
+  EXPECT_EQ(named.shared_score_shift, 0.5);  // a failed set leaves the field as it was
 }
 
 TEST(style_aligned, install_follows_only_self_level_in_layer_order) {

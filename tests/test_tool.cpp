@@ -274,6 +274,18 @@ TEST(tool, demo_writes_both_grids_and_the_table_and_study_writes_json) {
   ASSERT_EQ(j["arms"].size(), 3u);
   EXPECT_EQ(j["arms"][2]["name"], "no_adain");
   EXPECT_EQ(j["arms"][1]["consistency_gain_vs_vanilla"]["pairs"], 2);
+  // An arm with fields overridden runs under its full spec as name; a bad override is a usage error naming it.
+  const fs::path js2 = root / "study_override.json";
+  r = run_tool("study --sets 1 --steps 2 --quiet --arms vanilla,style_aligned+shared_score_shift=0.7 --json " +
+               quote(js2.string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(sa_test::read_json(js2)["arms"][1]["name"], "style_aligned+shared_score_shift=0.7");
+  r = run_tool("study --sets 1 --arms vanilla,style_aligned+only_self_level=2");
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("only_self_level"), std::string::npos) << r.output;
+  r = run_tool("study --sets 1 --arms vanilla,no_adain+bogus=1");
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("bogus"), std::string::npos) << r.output;
   r = run_tool("study --sets 1 --arms style_aligned");
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("vanilla"), std::string::npos) << r.output;

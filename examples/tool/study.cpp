@@ -49,7 +49,8 @@ void add_study_options(CLI::App& cmd, StudyOptions& o, bool demo) {
   } else {
     cmd.add_option("--arms", o.arms,
                    "Comma-separated: vanilla, style_aligned (the tool's defaults), no_adain, full_attention_share, "
-                   "shared_group_norm")
+                   "shared_group_norm; any of them but vanilla may override StyleAlignedOptions fields, as in "
+                   "style_aligned+shared_score_shift=0.69+only_self_level=0.2")
         ->capture_default_str();
     cmd.add_option("--json", o.json_out, "Write the per-arm results and intervals as JSON to this file");
     cmd.add_flag("--force", o.force, "Overwrite an existing --json file");
@@ -78,16 +79,30 @@ std::vector<toy::StudyArm> select_arms(const std::string& list) {
   const auto all = toy::standard_arms();
   std::vector<toy::StudyArm> out;
   std::stringstream ss(list);
-  std::string name;
-  while (std::getline(ss, name, ',')) {
-    bool found = false;
-    for (const auto& a : all) {
-      if (a.name == name) {
-        out.push_back(a);
-        found = true;
+  std::string spec;
+  while (std::getline(ss, spec, ',')) {
+    // "style_aligned+shared_score_shift=0.69+only_self_level=0.2": a standard arm with fields overridden.
+    std::stringstream parts(spec);
+    std::string base;
+    std::getline(parts, base, '+');
+    auto it = std::find_if(all.begin(), all.end(), [&](const toy::StudyArm& a) { return a.name == base; });
+    if (it == all.end()) throw UsageError(fmt::format("--arms: unknown arm '{}'", base));
+    toy::StudyArm arm = *it;
+    arm.name = spec;
+    std::string override_;
+    while (std::getline(parts, override_, '+')) {
+      const auto eq = override_.find('=');
+      if (!arm.style || eq == std::string::npos) {
+        throw UsageError(fmt::format("--arms: '{}' in '{}' is not field=value on a StyleAligned arm", override_, spec));
+      }
+      try {
+        arm.style->set(override_.substr(0, eq), override_.substr(eq + 1));
+        arm.style->validate();
+      } catch (const stylealigned::Error& e) {
+        throw UsageError(fmt::format("--arms '{}': {}", spec, e.what()));
       }
     }
-    if (!found) throw UsageError(fmt::format("--arms: unknown arm '{}'", name));
+    out.push_back(std::move(arm));
   }
   if (out.empty() || out.front().name != "vanilla") throw UsageError("--arms must start with vanilla (the baseline)");
   return out;

@@ -48,6 +48,11 @@ struct StyleAlignedOptions {
   /// The official transfer notebook: shared norms, shift ln 2.
   static StyleAlignedOptions transfer_notebook();
 
+  /// Sets one field by its name above from text ("true"/"false"/"1"/"0" for flags, a number for the rest), so
+  /// command lines and config files can name options without a flag per field (the study tool's arm overrides).
+  /// Throws stylealigned::Error naming the field for an unknown name or a value that does not parse.
+  void set(const std::string& field, const std::string& value);
+
   /// Throws stylealigned::Error naming the option for non-finite or out-of-range values.
   void validate() const;
   std::string to_string() const;
