@@ -59,26 +59,32 @@ detail::KernelResult autograd_attention(const at::Tensor& q, const at::Tensor& k
   return r;
 }
 
-// out[h, i, :] /= row_sum[h * cn + i] and lse[h, i] = row_max + log(row_sum) + shift for one float32 CPU block, in
-// plain loops: a [rows x dv] block is too small for an ATen parallel region, and the region's thread wake-ups cost
-// far more than the work when OpenBLAS's threads share the cores (measured 4x slower at 1024 tokens on 2 cores).
+// The end of an online softmax for `rows` query rows: each output row divided by its row sum and, where `lse` is
+// given, lse[i * lse_stride] = row_max + log(row_sum) + shift, summed in double and rounded once.
+void finish_rows(float* out, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t dv, const float* row_max,
+                 const float* row_sum, double shift, float* lse, int64_t lse_stride) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float inv = 1.0f / row_sum[i];
+    float* row = out + i * row_stride;
+    for (int64_t j = 0; j < dv; ++j) row[j * col_stride] *= inv;
+    if (lse != nullptr) {
+      lse[i * lse_stride] =
+          static_cast<float>(static_cast<double>(row_max[i]) + std::log(static_cast<double>(row_sum[i])) + shift);
+    }
+  }
+}
+
+// finish_rows over one float32 CPU block [heads, rows, dv] (row statistics laid out h * rows + i), in plain loops: a
+// block is too small for an ATen parallel region, and the region's thread wake-ups cost far more than the work when
+// OpenBLAS's threads share the cores (measured 4x slower at 1024 tokens on 2 cores).
 void finish_block_cpu(const at::Tensor& out, const float* row_max, const float* row_sum, double shift,
                       at::Tensor* lse) {
   const int64_t hn = out.size(0), cn = out.size(1), dv = out.size(2);
-  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   float* o = out.data_ptr<float>();
   float* l = lse != nullptr ? lse->data_ptr<float>() : nullptr;
   for (int64_t h = 0; h < hn; ++h) {
-    for (int64_t i = 0; i < cn; ++i) {
-      const int64_t r = h * cn + i;
-      const float inv = 1.0f / row_sum[r];
-      float* row = o + h * os0 + i * os1;
-      for (int64_t j = 0; j < dv; ++j) row[j * os2] *= inv;
-      if (l != nullptr) {
-        l[h * lse->stride(0) + i * lse->stride(1)] =
-            static_cast<float>(static_cast<double>(row_max[r]) + std::log(static_cast<double>(row_sum[r])) + shift);
-      }
-    }
+    finish_rows(o + h * out.stride(0), out.stride(1), out.stride(2), cn, dv, row_max + h * cn, row_sum + h * cn,
+                shift, l != nullptr ? l + h * lse->stride(0) : nullptr, l != nullptr ? lse->stride(1) : 0);
   }
 }
 
@@ -190,15 +196,8 @@ bool tiled_attention_cpu(const at::Tensor& q, const std::vector<KeyBlock>& block
           cp.pv->run(bf16 ? static_cast<const void*>(probs.data()) : scores.data(), vt + c0 * v.stride(2) * esz, ot);
         }
       }
-      for (int64_t i = 0; i < rows; ++i) {
-        const float inv = 1.0f / row_sum[i];
-        float* row = ot + i * out.stride(2);
-        for (int64_t j = 0; j < dv; ++j) row[j] *= inv;
-        if (lp != nullptr) {
-          lp[(b * heads + h) * nq + s + i] = static_cast<float>(static_cast<double>(row_max[i]) +
-                                                                std::log(static_cast<double>(row_sum[i])) + shift);
-        }
-      }
+      finish_rows(ot, out.stride(2), 1, rows, dv, row_max.data(), row_sum.data(), shift,
+                  lp != nullptr ? lp + (b * heads + h) * nq + s : nullptr, 1);
     }
   });
   return true;
