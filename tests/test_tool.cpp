@@ -80,6 +80,53 @@ TEST(tool, generate_reproduces_golden_latents_through_files) {
   EXPECT_EQ(r.code, 0) << r.output;
 }
 
+// A model folder's _stylealigned_options replace the SDXL demo's defaults of `generate`; flags given still win, and
+// settings.json records what ran. A bad field fails the load naming model_index.json and the field.
+TEST(tool, model_style_aligned_defaults_and_flags) {
+  const fs::path dir = sa_test::scratch_dir("tool_model_defaults");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path model = dir / "model";
+  fs::copy(sa_test::model_folder("sd15_tiny"), model, fs::copy_options::recursive | fs::copy_options::copy_symlinks);
+  json index = sa_test::read_json(model / "model_index.json");
+  auto write_index = [&](const json& options) {
+    json j = index;
+    j["_stylealigned_options"] = options;
+    fs::remove(model / "model_index.json");
+    std::ofstream(model / "model_index.json") << j.dump(2);
+  };
+  const std::string base = "generate --model " + quote(model.string()) +
+                           " --prompt 'a cat' --prompt 'a dog' --steps 1 --width 128 --height 128 --quiet";
+  write_index({{"adain_values", true}, {"shared_score_shift", 0.5}});
+  auto r = run_tool(base + " --out " + quote((dir / "a").string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto sa = sa_test::read_json(dir / "a" / "settings.json")["style_aligned_options"];
+  EXPECT_EQ(sa["adain_values"], true);
+  EXPECT_EQ(sa["shared_score_shift"], 0.5);
+  EXPECT_EQ(sa["share_group_norm"], false);  // the demo's default, not named by the model
+  r = run_tool(base + " --no-adain-values --share-group-norm --out " + quote((dir / "b").string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  sa = sa_test::read_json(dir / "b" / "settings.json")["style_aligned_options"];
+  EXPECT_EQ(sa["adain_values"], false);
+  EXPECT_EQ(sa["share_group_norm"], true);
+  EXPECT_EQ(sa["shared_score_shift"], 0.5);
+
+  write_index({{"adain_value", true}});
+  r = run_tool(base + " --out " + quote((dir / "c").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("model_index.json"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("adain_value"), std::string::npos) << r.output;
+  write_index({{"only_self_level", "half"}});
+  r = run_tool(base + " --out " + quote((dir / "c").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("only_self_level"), std::string::npos) << r.output;
+  write_index({{"only_self_level", 3}});
+  r = run_tool(base + " --out " + quote((dir / "c").string()));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("only_self_level"), std::string::npos) << r.output;
+  EXPECT_TRUE(!fs::exists(dir / "c") || fs::is_empty(dir / "c"));  // nothing written
+}
+
 TEST(tool, bad_input_exit_codes_and_messages) {
   auto dir = sa_test::scratch_dir("tool_bad");
   const std::string model = quote(sa_test::model_folder("sd15_tiny").string());

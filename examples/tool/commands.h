@@ -64,6 +64,9 @@ struct GenerateOptions {
   // StyleAligned (defaults: the official SDXL demo; `transfer` switches to the transfer notebook's)
   bool no_style_align = false;
   stylealigned::StyleAlignedOptions sa = stylealigned::StyleAlignedOptions::sdxl_demo();
+  // The StyleAlignedOptions fields given on the command line: `generate` starts from the model's
+  // Pipeline::style_aligned_defaults() and keeps these from `sa`.
+  std::vector<std::string> sa_given;
   // transfer only
   std::string reference;
   std::string reference_caption;

@@ -51,25 +51,42 @@ void add_generate_options(CLI::App& cmd, GenerateOptions& o, bool transfer) {
 
   auto& sa = o.sa;
   if (transfer) sa = stylealigned::StyleAlignedOptions::transfer_notebook();
-  const std::string group = "StyleAligned (defaults: the official " +
-                            std::string(transfer ? "transfer notebook" : "SDXL demo") + ")";
+  const std::string group =
+      transfer ? "StyleAligned (defaults: the official transfer notebook)"
+               : "StyleAligned (defaults: the official SDXL demo, with the model folder's _stylealigned_options)";
   cmd.add_flag("--no-style-align", o.no_style_align, "vanilla generation (no StyleAligned)")->group(group);
-  cmd.add_flag("--share-group-norm,!--no-share-group-norm", sa.share_group_norm,
-               "GroupNorm statistics joint with the reference")->group(group);
-  cmd.add_flag("--share-layer-norm,!--no-share-layer-norm", sa.share_layer_norm,
-               "accepted for parity with the official code (no numerical effect)")->group(group);
-  cmd.add_flag("!--no-share-attention", sa.share_attention, "targets do not attend to the reference")->group(group);
-  cmd.add_flag("!--no-adain-queries", sa.adain_queries, "no AdaIN on queries")->group(group);
-  cmd.add_flag("!--no-adain-keys", sa.adain_keys, "no AdaIN on keys")->group(group);
-  cmd.add_flag("--adain-values", sa.adain_values, "AdaIN on values too")->group(group);
-  cmd.add_flag("--full-attention-share", sa.full_attention_share,
-               "ablation: every image attends to all images of its group")->group(group);
-  cmd.add_option("--shared-score-scale", sa.shared_score_scale, "lambda: multiplies reference logits")
-      ->capture_default_str()->group(group);
-  cmd.add_option("--shared-score-shift", sa.shared_score_shift, "added to reference logits (ln 2: counts double)")
-      ->capture_default_str()->group(group);
-  cmd.add_option("--only-self-level", sa.only_self_level, "fraction of self-attention layers left unshared")
-      ->capture_default_str()->group(group);
+  std::vector<std::pair<CLI::Option*, std::string>> fields = {
+      {cmd.add_flag("--share-group-norm,!--no-share-group-norm", sa.share_group_norm,
+                    "GroupNorm statistics joint with the reference"),
+       "share_group_norm"},
+      {cmd.add_flag("--share-layer-norm,!--no-share-layer-norm", sa.share_layer_norm,
+                    "accepted for parity with the official code (no numerical effect)"),
+       "share_layer_norm"},
+      {cmd.add_flag("!--no-share-attention", sa.share_attention, "targets do not attend to the reference"),
+       "share_attention"},
+      {cmd.add_flag("--adain-queries,!--no-adain-queries", sa.adain_queries, "AdaIN on queries"), "adain_queries"},
+      {cmd.add_flag("--adain-keys,!--no-adain-keys", sa.adain_keys, "AdaIN on keys"), "adain_keys"},
+      {cmd.add_flag("--adain-values,!--no-adain-values", sa.adain_values, "AdaIN on values"), "adain_values"},
+      {cmd.add_flag("--full-attention-share,!--no-full-attention-share", sa.full_attention_share,
+                    "ablation: every image attends to all images of its group"),
+       "full_attention_share"},
+      {cmd.add_option("--shared-score-scale", sa.shared_score_scale, "lambda: multiplies reference logits")
+           ->capture_default_str(),
+       "shared_score_scale"},
+      {cmd.add_option("--shared-score-shift", sa.shared_score_shift, "added to reference logits (ln 2: counts double)")
+           ->capture_default_str(),
+       "shared_score_shift"},
+      {cmd.add_option("--only-self-level", sa.only_self_level, "fraction of self-attention layers left unshared")
+           ->capture_default_str(),
+       "only_self_level"},
+  };
+  for (auto& [opt, field] : fields) opt->group(group);
+  cmd.final_callback([&o, fields] {
+    o.sa_given.clear();
+    for (const auto& [opt, field] : fields) {
+      if (opt->count() > 0) o.sa_given.push_back(field);
+    }
+  });
 
   if (transfer) {
     cmd.add_option("--reference", o.reference, "the style reference image (PNG, JPEG, ...)")->required();
@@ -167,6 +184,25 @@ int run_generate(GenerateOptions o, bool transfer) {
   }
   if (!o.quiet) fmt::print(stderr, "loading {} ...\n", o.model);
   auto pipe = stylealigned::Pipeline::load(o.model, lo);
+  if (!transfer && req.style_aligned) {
+    // The model's defaults, then every field the command line gave (copied from the options CLI11 filled).
+    stylealigned::StyleAlignedOptions sa = pipe.style_aligned_defaults();
+    const stylealigned::StyleAlignedOptions& given = o.sa;
+    for (const std::string& f : o.sa_given) {
+      if (f == "share_group_norm") sa.share_group_norm = given.share_group_norm;
+      if (f == "share_layer_norm") sa.share_layer_norm = given.share_layer_norm;
+      if (f == "share_attention") sa.share_attention = given.share_attention;
+      if (f == "adain_queries") sa.adain_queries = given.adain_queries;
+      if (f == "adain_keys") sa.adain_keys = given.adain_keys;
+      if (f == "adain_values") sa.adain_values = given.adain_values;
+      if (f == "full_attention_share") sa.full_attention_share = given.full_attention_share;
+      if (f == "shared_score_scale") sa.shared_score_scale = given.shared_score_scale;
+      if (f == "shared_score_shift") sa.shared_score_shift = given.shared_score_shift;
+      if (f == "only_self_level") sa.only_self_level = given.only_self_level;
+    }
+    o.sa = sa;
+    req.style_aligned = sa;
+  }
   const int64_t width = o.width.value_or(pipe.default_width()), height = o.height.value_or(pipe.default_height());
 
   if (transfer) {

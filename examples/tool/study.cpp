@@ -48,7 +48,8 @@ void add_study_options(CLI::App& cmd, StudyOptions& o, bool demo) {
                  "Instead: StyleAligned on one synthetic SDXL-sized self-attention layer (no model needed)");
   } else {
     cmd.add_option("--arms", o.arms,
-                   "Comma-separated: vanilla, style_aligned (the tool's defaults), no_adain, full_attention_share, "
+                   "Comma-separated: vanilla, style_aligned (the tool's defaults for the model), sdxl_demo (the official "
+                   "SDXL demo options), no_adain, full_attention_share, "
                    "shared_group_norm; any of them but vanilla may override StyleAlignedOptions fields, as in "
                    "style_aligned+shared_score_shift=0.69+only_self_level=0.2")
         ->capture_default_str();
@@ -75,8 +76,8 @@ fs::path resolve_model(const std::string& given) {
   return p;
 }
 
-std::vector<toy::StudyArm> select_arms(const std::string& list) {
-  const auto all = toy::standard_arms();
+std::vector<toy::StudyArm> select_arms(const std::string& list, const stylealigned::StyleAlignedOptions& defaults) {
+  const auto all = toy::standard_arms(defaults);
   std::vector<toy::StudyArm> out;
   std::stringstream ss(list);
   std::string spec;
@@ -108,9 +109,8 @@ std::vector<toy::StudyArm> select_arms(const std::string& list) {
   return out;
 }
 
-std::vector<toy::ArmResult> run(const StudyOptions& o, const fs::path& model, const std::vector<toy::StudyArm>& arms,
-                                bool keep_images) {
-  auto pipe = stylealigned::Pipeline::load(model);
+std::vector<toy::ArmResult> run(const StudyOptions& o, stylealigned::Pipeline& pipe,
+                                const std::vector<toy::StudyArm>& arms, bool keep_images) {
   const auto sets = toy::study_sets(o.sets, 4, o.seed);
   toy::StudyOptions so;
   so.steps = o.steps;
@@ -194,13 +194,16 @@ int run_showcase(const StudyOptions& o) {
   }
   OutputSet output(o.out, o.force);
   const auto t0 = std::chrono::steady_clock::now();
-  const auto standard = toy::standard_arms();
+  auto pipe = stylealigned::Pipeline::load(model);
+  const auto standard = toy::standard_arms(pipe.style_aligned_defaults());
   const std::vector<toy::StudyArm> arms = {standard[0], standard[1]};  // vanilla, style_aligned
   fmt::print("stylealigned demo: {} sets of 4 images from the embedded toy model ({}), {} DDIM steps\n", o.sets,
              model.string(), o.steps);
   fmt::print("Each prompt names an object and a fill pattern and leaves palette, background and outline to the model;\n"
-             "StyleAligned should make the 3 targets of a set take them from the reference (image 0).\n\n");
-  const auto results = run(o, model, arms, /*keep_images=*/true);
+             "StyleAligned should make the 3 targets of a set take them from the reference (image 0).\n"
+             "StyleAligned options (the model's defaults): {}\n\n",
+             arms[1].style->to_string());
+  const auto results = run(o, pipe, arms, /*keep_images=*/true);
   const at::Tensor vanilla = arm_grid(results[0]), aligned = arm_grid(results[1]);
   const at::Tensor both = stylealigned::image::make_grid({vanilla, aligned}, 2, 24);
   const stylealigned::image::TextChunks text = {{"model", model.string()}, {"steps", std::to_string(o.steps)}};
@@ -212,6 +215,7 @@ int run_showcase(const StudyOptions& o) {
   summary["sets"] = o.sets;
   summary["steps"] = o.steps;
   summary["seed"] = o.seed;
+  summary["style_aligned_options"] = arms[1].style->to_string();
   summary["arms"] = Json::array();
   for (const auto& r : results) summary["arms"].push_back(arm_json(r, results[0]));
   output.add_text("summary.json", summary.dump(2) + "\n");
@@ -229,12 +233,14 @@ int run_showcase(const StudyOptions& o) {
 
 int run_study(const StudyOptions& o) {
   const fs::path model = resolve_model(o.model);
-  const auto arms = select_arms(o.arms);
+  select_arms(o.arms, stylealigned::StyleAlignedOptions::sdxl_demo());  // usage errors before the model loads
   if (!o.json_out.empty() && fs::exists(o.json_out) && !o.force) {
     throw UsageError(fmt::format("--json {} exists (pass --force to overwrite)", o.json_out));
   }
   const auto t0 = std::chrono::steady_clock::now();
-  const auto results = run(o, model, arms, /*keep_images=*/false);
+  auto pipe = stylealigned::Pipeline::load(model);
+  const auto arms = select_arms(o.arms, pipe.style_aligned_defaults());
+  const auto results = run(o, pipe, arms, /*keep_images=*/false);
   print_table(results);
   if (!o.json_out.empty()) {
     Json j;
@@ -245,7 +251,11 @@ int run_study(const StudyOptions& o) {
     j["seed"] = o.seed;
     j["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     j["arms"] = Json::array();
-    for (const auto& r : results) j["arms"].push_back(arm_json(r, results.front()));
+    for (size_t i = 0; i < results.size(); ++i) {
+      Json a = arm_json(results[i], results.front());
+      a["options"] = arms[i].style ? arms[i].style->to_string() : "vanilla";
+      j["arms"].push_back(std::move(a));
+    }
     stylealigned::internal::write_file_atomic(o.json_out, j.dump(2) + "\n");
   }
   return 0;

@@ -124,6 +124,12 @@ class Pipeline {
   int64_t vae_scale_factor() const;
   int64_t latent_channels() const;
   const SchedulerConfig& scheduler_config() const;
+  /// The StyleAligned options a text-to-image set of this model starts from: the official SDXL demo's, with the
+  /// fields the folder's model_index.json names under "_stylealigned_options" (an object of field: value, as
+  /// StyleAlignedOptions::set takes them) replaced. Real SD1.5 and SDXL folders carry no such key and get the demo's
+  /// options; a model trained here can ship the options measured best for it (the embedded toy model does, see its
+  /// card). Load throws stylealigned::Error naming model_index.json and the field for an unknown field or a bad value.
+  const StyleAlignedOptions& style_aligned_defaults() const;
 
   /// Generates one set. Same request (and seed) -> same bytes. Throws stylealigned::Error for invalid requests
   /// (naming the field) and stylealigned::Cancelled when the callback cancels.

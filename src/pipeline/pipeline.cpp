@@ -47,6 +47,7 @@ struct Pipeline::Impl {
   PipelineLoadOptions options;
   bool force_zeros_for_empty_prompt = false;
   SchedulerConfig scheduler_config;
+  StyleAlignedOptions style_defaults = StyleAlignedOptions::sdxl_demo();
   std::vector<ClipTokenizer> tokenizers;
   std::vector<CLIPTextModel> text_encoders;
   UNet2DConditionModel unet{nullptr};
@@ -156,6 +157,23 @@ Pipeline Pipeline::load(const fs::path& folder, const PipelineLoadOptions& optio
   } else {
     impl->force_zeros_for_empty_prompt = impl->family == ModelFamily::sdxl;  // the SDXL pipeline's default
   }
+  if (index.contains("_stylealigned_options")) {
+    const auto& overrides = index["_stylealigned_options"];
+    const std::string where = (folder / "model_index.json").string() + ": _stylealigned_options";
+    if (!overrides.is_object()) throw Error(where + " must be an object of StyleAlignedOptions field: value");
+    try {
+      for (const auto& [field, value] : overrides.items()) {
+        if (!value.is_boolean() && !value.is_number()) {
+          throw Error(fmt::format("{} must be a boolean or a number, got {}", field, value.dump()));
+        }
+        impl->style_defaults.set(field, value.is_boolean() ? (value.get<bool>() ? "true" : "false")
+                                                           : fmt::format("{:.17g}", value.get<double>()));
+      }
+      impl->style_defaults.validate();
+    } catch (const Error& e) {
+      throw Error(fmt::format("{}: {}", where, e.what()));
+    }
+  }
   if (options.dtype != at::kFloat && options.device.is_cpu() && !cpu_has_native_bf16()) {
     warn(fmt::format("{} requested on a CPU without native bf16/fp16 matrix units: expect it to be far slower "
                      "than fp32",
@@ -206,6 +224,7 @@ int64_t Pipeline::default_width() const {
 int64_t Pipeline::default_height() const { return default_width(); }
 double Pipeline::default_guidance() const { return impl_->family == ModelFamily::sdxl ? 5.0 : 7.5; }
 const SchedulerConfig& Pipeline::scheduler_config() const { return impl_->scheduler_config; }
+const StyleAlignedOptions& Pipeline::style_aligned_defaults() const { return impl_->style_defaults; }
 
 std::vector<std::string> Pipeline::attention_layers() const { return impl_->unet->attention_layer_names(); }
 

@@ -154,8 +154,7 @@ PairedDifference bootstrap_mean(const std::vector<double>& a, int64_t resamples,
   return paired_bootstrap(a, std::vector<double>(a.size(), 0.0), resamples, seed);
 }
 
-std::vector<StudyArm> standard_arms() {
-  const StyleAlignedOptions defaults = StyleAlignedOptions::sdxl_demo();
+std::vector<StudyArm> standard_arms(const StyleAlignedOptions& defaults) {
   StyleAlignedOptions no_adain = defaults;
   no_adain.adain_queries = no_adain.adain_keys = no_adain.adain_values = false;
   StyleAlignedOptions full_share = defaults;
@@ -164,6 +163,7 @@ std::vector<StudyArm> standard_arms() {
   shared_gn.share_group_norm = true;
   return {{"vanilla", std::nullopt},
           {"style_aligned", defaults},
+          {"sdxl_demo", StyleAlignedOptions::sdxl_demo()},
           {"no_adain", no_adain},
           {"full_attention_share", full_share},
           {"shared_group_norm", shared_gn}};

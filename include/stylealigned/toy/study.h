@@ -80,8 +80,9 @@ PairedDifference paired_bootstrap(const std::vector<double>& a, const std::vecto
 /// The same interval for one sample's mean (a - 0).
 PairedDifference bootstrap_mean(const std::vector<double>& a, int64_t resamples = 10000, uint64_t seed = 0);
 
-/// The arms of the card's table: vanilla, StyleAligned with the tool's defaults (the official SDXL demo options),
-/// and the paper's ablations (without AdaIN, full attention sharing, shared GroupNorm on).
-std::vector<StudyArm> standard_arms();
+/// The arms of the card's table: vanilla; style_aligned, StyleAligned with `defaults` (the tool passes the model's
+/// Pipeline::style_aligned_defaults()); sdxl_demo, the official SDXL demo options whatever the model; and the
+/// paper's ablations of `defaults` (no_adain: no AdaIN on q, k or v; full_attention_share; shared_group_norm on).
+std::vector<StudyArm> standard_arms(const StyleAlignedOptions& defaults = StyleAlignedOptions::sdxl_demo());
 
 }  // namespace stylealigned::toy
