@@ -22,10 +22,14 @@ at::Tensor reference_index(const BatchLayout& layout, const at::Device& device) 
   return at::tensor(at::ArrayRef<int64_t>(refs.data(), refs.size()), at::dtype(at::kLong)).to(device);
 }
 
-// AdaIN of `x` (rows of one group) to the given reference statistics, in the official operation order.
+// AdaIN of `x` (rows of one group) to the given reference statistics: ((x - mean) / std) · ref_std + ref_mean,
+// taken as x · a + b with a = ref_std / std and b = ref_mean - mean · a per (row, head, channel), one pass over x
+// instead of four (and one tensor instead of a temporary plus in-place passes). It differs from the official
+// operation order by float rounding only (a few ulps per element), far inside the parity tolerances.
 at::Tensor adain_to(const at::Tensor& x, const at::Tensor& ref_mean, const at::Tensor& ref_std) {
   auto [mean, std] = calc_mean_std(x);
-  return (x - mean).div_(std).mul_(ref_std).add_(ref_mean);
+  const at::Tensor a = ref_std / std;
+  return at::addcmul(ref_mean - mean * a, x, a);
 }
 
 
