@@ -286,6 +286,7 @@ TEST(toy_configs, parse_with_our_loaders_without_warnings) {
   EXPECT_EQ(index.at("_class_name"), "StableDiffusionPipeline");
   EXPECT_EQ(index.at("unet"), json({"diffusers", "UNet2DConditionModel"}));
   EXPECT_TRUE(index.at("safety_checker").at(0).is_null());
+  EXPECT_EQ(index.at("_stylealigned_options"), json({{"adain_values", true}}));
 
   EXPECT_TRUE(warnings.messages.empty()) << warnings.messages.front();
 }
@@ -525,6 +526,11 @@ TEST(shipped_toy_model, draws_the_objects_its_prompts_name) {
 // targets change. Through the study runner, which the demo and the card use.
 TEST(shipped_toy_model, study_reference_is_unchanged_and_targets_are_aligned) {
   auto pipe = stylealigned::Pipeline::load(shipped_model());
+  // The shipped folder is what the exporter writes today, so its StyleAligned defaults are the card's.
+  EXPECT_EQ(sa_test::read_json(shipped_model() / "model_index.json"), json::parse(toy::model_index_json()));
+  stylealigned::StyleAlignedOptions card = stylealigned::StyleAlignedOptions::sdxl_demo();
+  card.adain_values = true;
+  EXPECT_EQ(pipe.style_aligned_defaults().to_string(), card.to_string());
   const auto sets = toy::study_sets(1, 4, 5);
   ASSERT_EQ(sets[0].prompts.size(), 4u);
   toy::StudyOptions so;
