@@ -168,7 +168,13 @@ std::pair<at::Tensor, at::Tensor> calc_mean_std(const at::Tensor& feat, double e
   if (!feat.defined() || feat.dim() < 2) {
     throw Error("calc_mean_std: feat must have a token axis (-2) and a channel axis (-1)");
   }
-  auto [var, mean] = at::var_mean(feat, {-2}, /*unbiased=*/true, /*keepdim=*/true);
+  // Two passes (mean, then the squared deviations) instead of at::var_mean: libtorch 1.13's Welford reduction over
+  // the token axis of token-major q/k is 6x slower (18 ms against 3 ms for 6 rows x 4096 tokens x 320 channels,
+  // 2 threads), and the two-pass sum is at least as accurate (relative difference 2e-7 in the variance).
+  const at::Tensor mean = feat.mean({-2}, /*keepdim=*/true);
+  at::Tensor dev = feat - mean;
+  dev = at::GradMode::is_enabled() ? dev.square() : dev.square_();  // in place where no backward needs dev
+  at::Tensor var = dev.sum({-2}, /*keepdim=*/true).div_(static_cast<double>(feat.size(-2) - 1));
   return {mean, var.add_(eps).sqrt_()};
 }
 
