@@ -98,17 +98,53 @@ StyleAlignedOptions StyleAlignedOptions::transfer_notebook() {
   return o;
 }
 
+namespace {
+
+// Every field by name, for set() and assign(): one table, so a new field is named once.
+struct FlagField {
+  const char* name;
+  bool StyleAlignedOptions::*member;
+};
+struct NumberField {
+  const char* name;
+  double StyleAlignedOptions::*member;
+};
+constexpr FlagField kFlagFields[] = {{"share_group_norm", &StyleAlignedOptions::share_group_norm},
+                                     {"share_layer_norm", &StyleAlignedOptions::share_layer_norm},
+                                     {"share_attention", &StyleAlignedOptions::share_attention},
+                                     {"adain_queries", &StyleAlignedOptions::adain_queries},
+                                     {"adain_keys", &StyleAlignedOptions::adain_keys},
+                                     {"adain_values", &StyleAlignedOptions::adain_values},
+                                     {"full_attention_share", &StyleAlignedOptions::full_attention_share}};
+constexpr NumberField kNumberFields[] = {{"shared_score_scale", &StyleAlignedOptions::shared_score_scale},
+                                         {"shared_score_shift", &StyleAlignedOptions::shared_score_shift},
+                                         {"only_self_level", &StyleAlignedOptions::only_self_level}};
+
+// Calls on_flag(member) or on_number(member) for the field named `field`; throws naming it when there is none.
+template <class OnFlag, class OnNumber>
+void with_field(const std::string& field, OnFlag on_flag, OnNumber on_number) {
+  for (const auto& f : kFlagFields) {
+    if (field == f.name) return on_flag(f.member);
+  }
+  for (const auto& n : kNumberFields) {
+    if (field == n.name) return on_number(n.member);
+  }
+  throw Error(fmt::format("StyleAlignedOptions: unknown option '{}' (the fields are those of to_string())", field));
+}
+
+}  // namespace
+
 void StyleAlignedOptions::set(const std::string& field, const std::string& value) {
-  const auto parse_flag = [&](bool& out) {
+  const auto parse_flag = [&](bool StyleAlignedOptions::*member) {
     if (value == "true" || value == "1") {
-      out = true;
+      this->*member = true;
     } else if (value == "false" || value == "0") {
-      out = false;
+      this->*member = false;
     } else {
       throw Error(fmt::format("StyleAlignedOptions: {} takes true/false/1/0, got '{}'", field, value));
     }
   };
-  const auto parse_number = [&](double& out) {
+  const auto parse_number = [&](double StyleAlignedOptions::*member) {
     size_t used = 0;
     double v = 0;
     try {
@@ -119,27 +155,17 @@ void StyleAlignedOptions::set(const std::string& field, const std::string& value
     if (used == 0 || used != value.size()) {
       throw Error(fmt::format("StyleAlignedOptions: {} takes a number, got '{}'", field, value));
     }
-    out = v;
+    this->*member = v;
   };
-  struct Flag { const char* name; bool StyleAlignedOptions::*member; };
-  struct Number { const char* name; double StyleAlignedOptions::*member; };
-  static constexpr Flag flags[] = {{"share_group_norm", &StyleAlignedOptions::share_group_norm},
-                                   {"share_layer_norm", &StyleAlignedOptions::share_layer_norm},
-                                   {"share_attention", &StyleAlignedOptions::share_attention},
-                                   {"adain_queries", &StyleAlignedOptions::adain_queries},
-                                   {"adain_keys", &StyleAlignedOptions::adain_keys},
-                                   {"adain_values", &StyleAlignedOptions::adain_values},
-                                   {"full_attention_share", &StyleAlignedOptions::full_attention_share}};
-  static constexpr Number numbers[] = {{"shared_score_scale", &StyleAlignedOptions::shared_score_scale},
-                                       {"shared_score_shift", &StyleAlignedOptions::shared_score_shift},
-                                       {"only_self_level", &StyleAlignedOptions::only_self_level}};
-  for (const auto& f : flags) {
-    if (field == f.name) return parse_flag(this->*f.member);
+  with_field(field, parse_flag, parse_number);
+}
+
+void StyleAlignedOptions::assign(const StyleAlignedOptions& from, const std::vector<std::string>& fields) {
+  for (const std::string& field : fields) {
+    with_field(
+        field, [&](bool StyleAlignedOptions::*member) { this->*member = from.*member; },
+        [&](double StyleAlignedOptions::*member) { this->*member = from.*member; });
   }
-  for (const auto& n : numbers) {
-    if (field == n.name) return parse_number(this->*n.member);
-  }
-  throw Error(fmt::format("StyleAlignedOptions: unknown option '{}' (the fields are those of to_string())", field));
 }
 
 void StyleAlignedOptions::validate() const {

@@ -397,6 +397,15 @@ TEST(style_aligned, options_presets_and_validation) {
   expect_error([&] { named.set("shared_score_shift", "0.5x"); }, "shared_score_shift");
   expect_error([&] { named.set("only_self_level", ""); }, "only_self_level");
   EXPECT_EQ(named.shared_score_shift, 0.5);  // a failed set leaves the field as it was
+
+  // assign(): only the named fields come over.
+  auto overlaid = StyleAlignedOptions::sdxl_demo();
+  overlaid.assign(named, {"adain_keys", "shared_score_scale"});
+  EXPECT_FALSE(overlaid.adain_keys);
+  EXPECT_EQ(overlaid.shared_score_scale, 2.0);
+  EXPECT_FALSE(overlaid.share_group_norm || overlaid.full_attention_share);
+  EXPECT_EQ(overlaid.shared_score_shift, 0.0);
+  expect_error([&] { overlaid.assign(named, {"adain_keyz"}); }, "adain_keyz");
 }
 
 TEST(style_aligned, install_follows_only_self_level_in_layer_order) {

@@ -185,21 +185,9 @@ int run_generate(GenerateOptions o, bool transfer) {
   if (!o.quiet) fmt::print(stderr, "loading {} ...\n", o.model);
   auto pipe = stylealigned::Pipeline::load(o.model, lo);
   if (!transfer && req.style_aligned) {
-    // The model's defaults, then every field the command line gave (copied from the options CLI11 filled).
+    // The model's defaults, then every field the command line gave (from the options CLI11 filled).
     stylealigned::StyleAlignedOptions sa = pipe.style_aligned_defaults();
-    const stylealigned::StyleAlignedOptions& given = o.sa;
-    for (const std::string& f : o.sa_given) {
-      if (f == "share_group_norm") sa.share_group_norm = given.share_group_norm;
-      if (f == "share_layer_norm") sa.share_layer_norm = given.share_layer_norm;
-      if (f == "share_attention") sa.share_attention = given.share_attention;
-      if (f == "adain_queries") sa.adain_queries = given.adain_queries;
-      if (f == "adain_keys") sa.adain_keys = given.adain_keys;
-      if (f == "adain_values") sa.adain_values = given.adain_values;
-      if (f == "full_attention_share") sa.full_attention_share = given.full_attention_share;
-      if (f == "shared_score_scale") sa.shared_score_scale = given.shared_score_scale;
-      if (f == "shared_score_shift") sa.shared_score_shift = given.shared_score_shift;
-      if (f == "only_self_level") sa.only_self_level = given.only_self_level;
-    }
+    sa.assign(o.sa, o.sa_given);
     o.sa = sa;
     req.style_aligned = sa;
   }

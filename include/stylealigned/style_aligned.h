@@ -52,6 +52,9 @@ struct StyleAlignedOptions {
   /// command lines and config files can name options without a flag per field (the study tool's arm overrides).
   /// Throws stylealigned::Error naming the field for an unknown name or a value that does not parse.
   void set(const std::string& field, const std::string& value);
+  /// Copies the named fields (names as in set()) from `from`, leaving the others: defaults overlaid with what a user
+  /// gave. Throws stylealigned::Error naming an unknown field.
+  void assign(const StyleAlignedOptions& from, const std::vector<std::string>& fields);
 
   /// Throws stylealigned::Error naming the option for non-finite or out-of-range values.
   void validate() const;
