@@ -76,10 +76,12 @@ void report(benchmark::State& state, double flops_per_call, size_t live_before, 
   state.counters["threads"] = at::get_num_threads();
 }
 
-void run_processor(benchmark::State& state, stylealigned::AttentionProcessor& processor, double flops_per_call) {
+void run_processor(benchmark::State& state, stylealigned::AttentionProcessor& processor, double flops_per_call,
+                   at::ScalarType dtype = at::kFloat) {
   at::NoGradGuard no_grad;
   const int64_t tokens = state.range(0), batch = 2 * kImages;
-  const Qkv x = make_qkv(batch, tokens, heads_of(state), dim_of(state));
+  Qkv x = make_qkv(batch, tokens, heads_of(state), dim_of(state));
+  if (dtype != at::kFloat) x = {x.q.to(dtype), x.k.to(dtype), x.v.to(dtype)};
   const auto layout = stylealigned::BatchLayout::cfg(kImages);
   const stylealigned::AttentionCall call{"down_blocks.1.attentions.0.transformer_blocks.0.attn1",
                                          stylealigned::AttentionKind::self_attention, layout,
@@ -110,6 +112,19 @@ void BM_style_aligned_attention(benchmark::State& state) {
   stylealigned::StyleAlignedProcessor processor(stylealigned::StyleAlignedOptions::sdxl_demo());
   const int64_t refs = 2, targets = 2 * kImages - refs;
   run_processor(state, processor, attention_flops(state, refs + 2 * targets));
+}
+
+// bf16 inputs (a UNet run with --dtype bf16): on a native-bf16 CPU the products take bf16, AdaIN stays fp32 on the
+// rows it rewrites. Compare with the default processor's bf16 case of the same shape.
+void BM_default_attention_bf16(benchmark::State& state) {
+  stylealigned::DefaultAttentionProcessor processor;
+  run_processor(state, processor, attention_flops(state, 2 * kImages), at::kBFloat16);
+}
+
+void BM_style_aligned_attention_bf16(benchmark::State& state) {
+  stylealigned::StyleAlignedProcessor processor(stylealigned::StyleAlignedOptions::sdxl_demo());
+  const int64_t refs = 2, targets = 2 * kImages - refs;
+  run_processor(state, processor, attention_flops(state, refs + 2 * targets), at::kBFloat16);
 }
 
 // The transfer notebook's settings (shift ln 2): same work, the shift is folded into the reference block's lse.
@@ -174,12 +189,17 @@ BENCHMARK(BM_style_aligned_attention)
     ->Args({4096, 8, 40})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+BENCHMARK(BM_default_attention_bf16)->Args({4096, 8, 40})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_style_aligned_attention_bf16)->Args({4096, 8, 40})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_style_aligned_attention_shift)->Args({4096, 10, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (const char* env = std::getenv("STYLEALIGNED_BENCH_THREADS")) at::set_num_threads(std::atoi(env));
+  // Threads from the hardware like the tool and the UNet benchmark (Debian's libtorch starts at 1);
+  // STYLEALIGNED_BENCH_THREADS=N for a fixed count.
+  const char* env = std::getenv("STYLEALIGNED_BENCH_THREADS");
+  stylealigned::configure_threads(env ? std::atoi(env) : 0);
   // The tool's allocator (huge pages for large tensors), then the tracker over it, before any tensor exists.
   const bool large_pages = stylealigned::configure_large_tensor_pages();
   tracker();

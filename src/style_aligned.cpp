@@ -300,41 +300,39 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
   at::Tensor out = detail::token_major_output(q_in.size(0), heads, tokens, dv, q_in.options());
 
   at::NoGradGuard no_grad;  // inference only: the kernels below use out= and in-place passes
+  // Reduced-precision inputs compute in fp32, converted per slice: the reference row (its statistics and, off the
+  // bf16 path, its plain attention) and only the target rows AdaIN rewrites, never whole fp32 copies of q, k and v.
   const bool compute_float = is_reduced_float(out_dtype);
-  const at::Tensor q = compute_float ? q_in.to(at::kFloat) : q_in;
-  const at::Tensor k = compute_float ? k_in.to(at::kFloat) : k_in;
-  const at::Tensor v = compute_float ? v_in.to(at::kFloat) : v_in;
+  auto fp32 = [compute_float](const at::Tensor& x) { return compute_float ? x.to(at::kFloat) : x; };
   // On native-bf16 CPUs the attention products take bf16 (AdaIN statistics and normalisation stay fp32, rounded
   // once for the product); elsewhere everything runs in fp32.
   const bool bf16_products = out_dtype == at::kBFloat16 && q_in.is_cpu() && cpu_has_native_bf16();
+  // The form the attention products read: bf16 originals on the bf16 path, else fp32.
+  auto product = [&](const at::Tensor& x) { return bf16_products ? x.to(at::kBFloat16) : fp32(x); };
 
   for (const CfgGroup& g : layout.groups()) {
     if (o.full_attention_share) {
       // Every row of the group attends to all tokens of all rows of the group: one sequence of size x tokens.
       const int64_t n = g.size();
       auto as_sequence = [&](const at::Tensor& t) {
-        return t.narrow(0, g.begin, n).transpose(0, 1).reshape({1, heads, n * tokens, t.size(3)});
+        return fp32(t.narrow(0, g.begin, n)).transpose(0, 1).reshape({1, heads, n * tokens, t.size(3)});
       };
-      at::Tensor seq = scaled_dot_product_attention(as_sequence(q), as_sequence(k), as_sequence(v), call.scale,
-                                                    attention_, call.upcast);
+      at::Tensor seq = scaled_dot_product_attention(as_sequence(q_in), as_sequence(k_in), as_sequence(v_in),
+                                                    call.scale, attention_, call.upcast);
       out.narrow(0, g.begin, n).copy_(seq.reshape({heads, n, tokens, dv}).transpose(0, 1));
       continue;
     }
 
     const int64_t r = g.reference;
-    const at::Tensor qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
-    // The rows the attention products read: bf16 originals on the bf16 path, else the fp32 ones.
-    const at::Tensor& qs = bf16_products ? q_in : q;
-    const at::Tensor& ks = bf16_products ? k_in : k;
-    const at::Tensor& vs = bf16_products ? v_in : v;
+    const at::Tensor qr_in = q_in.narrow(0, r, 1), kr_in = k_in.narrow(0, r, 1), vr_in = v_in.narrow(0, r, 1);
     // The reference attends to [own ; own] upstream, which is exactly its plain self-attention.
-    out.narrow(0, r, 1).copy_(scaled_dot_product_attention(qs.narrow(0, r, 1), ks.narrow(0, r, 1), vs.narrow(0, r, 1),
-                                                           call.scale, attention_, call.upcast));
+    out.narrow(0, r, 1).copy_(scaled_dot_product_attention(product(qr_in), product(kr_in), product(vr_in), call.scale,
+                                                           attention_, call.upcast));
 
     at::Tensor q_mean, q_std, k_mean, k_std, v_mean, v_std;
-    if (o.adain_queries) std::tie(q_mean, q_std) = calc_mean_std(qr);
-    if (o.adain_keys) std::tie(k_mean, k_std) = calc_mean_std(kr);
-    if (o.adain_values) std::tie(v_mean, v_std) = calc_mean_std(vr);
+    if (o.adain_queries) std::tie(q_mean, q_std) = calc_mean_std(fp32(qr_in));
+    if (o.adain_keys) std::tie(k_mean, k_std) = calc_mean_std(fp32(kr_in));
+    if (o.adain_values) std::tie(v_mean, v_std) = calc_mean_std(fp32(vr_in));
 
     // The targets of a group are at most two runs of consecutive rows (before and after the reference); each run is
     // one kernel call, so its parallel loop covers every target's heads and query blocks and the shared reference
@@ -343,40 +341,41 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
     for (const auto& [t, t_end] : runs) {
       const int64_t n = t_end - t;
       if (n <= 0) continue;
-      const at::Tensor qt = o.adain_queries ? adain_to(q.narrow(0, t, n), q_mean, q_std) : q.narrow(0, t, n);
-      const at::Tensor kt = o.adain_keys ? adain_to(k.narrow(0, t, n), k_mean, k_std) : k.narrow(0, t, n);
-      const at::Tensor vt = o.adain_values ? adain_to(v.narrow(0, t, n), v_mean, v_std) : v.narrow(0, t, n);
-      at::Tensor result;
+      // AdaIN'd rows are fp32; rows AdaIN leaves alone stay in the input dtype until a product needs them.
+      auto target = [&](const at::Tensor& x, bool normalise, const at::Tensor& mean, const at::Tensor& std) {
+        const at::Tensor rows = x.narrow(0, t, n);
+        return normalise ? adain_to(fp32(rows), mean, std) : rows;
+      };
+      const at::Tensor qt = target(q_in, o.adain_queries, q_mean, q_std);
+      const at::Tensor kt = target(k_in, o.adain_keys, k_mean, k_std);
+      const at::Tensor vt = target(v_in, o.adain_values, v_mean, v_std);
       if (o.share_attention && bf16_products) {
-        // AdaIN'd rows rounded once to bf16; rows AdaIN left alone are the bf16 originals (no round trip).
-        auto product_row = [&](bool normalised, const at::Tensor& row, const at::Tensor& original) {
-          return normalised ? row.to(at::kBFloat16) : original.narrow(0, t, n);
-        };
-        at::Tensor row = detail::token_major_output(n, heads, tokens, dv, q.options().dtype(at::kFloat));
-        if (detail::attention_over_own_and_reference_cpu(
-                product_row(o.adain_queries, qt, q_in), product_row(o.adain_keys, kt, k_in),
-                product_row(o.adain_values, vt, v_in), ks.narrow(0, r, 1), vs.narrow(0, r, 1), call.scale,
-                o.shared_score_scale, o.shared_score_shift, attention_, row)) {
+        // AdaIN'd rows rounded once to bf16; the others are the bf16 originals (no round trip).
+        at::Tensor row = detail::token_major_output(n, heads, tokens, dv, q_in.options().dtype(at::kFloat));
+        if (detail::attention_over_own_and_reference_cpu(product(qt), product(kt), product(vt), kr_in, vr_in, call.scale,
+                                                         o.shared_score_scale, o.shared_score_shift, attention_,
+                                                         row)) {
           out.narrow(0, t, n).copy_(row);
           continue;
         }
       }
-      if (o.share_attention &&
-          detail::attention_over_own_and_reference_cpu(qt, kt, vt, kr, vr, call.scale, o.shared_score_scale,
-                                                       o.shared_score_shift, attention_, out.narrow(0, t, n))) {
-        continue;  // written in place: one softmax over [own ; reference] keys
-      }
+      const at::Tensor qf = fp32(qt), kf = fp32(kt), vf = fp32(vt);
       if (o.share_attention) {
+        const at::Tensor kr = fp32(kr_in), vr = fp32(vr_in);
+        if (detail::attention_over_own_and_reference_cpu(qf, kf, vf, kr, vr, call.scale, o.shared_score_scale,
+                                                         o.shared_score_shift, attention_, out.narrow(0, t, n))) {
+          continue;  // written in place: one softmax over [own ; reference] keys
+        }
         // Own block, and the reference block with λ folded into the logit scale and the shift added to every
         // reference logit; the reference's k/v are views of its row, never copied.
-        const AttentionWithLse own = attention_with_lse(qt, kt, vt, call.scale, 0.0, attention_);
+        const AttentionWithLse own = attention_with_lse(qf, kf, vf, call.scale, 0.0, attention_);
         const AttentionWithLse shared =
-            attention_with_lse(qt, kr, vr, call.scale * o.shared_score_scale, o.shared_score_shift, attention_);
-        result = merge_attention(own, shared);
+            attention_with_lse(qf, kr, vr, call.scale * o.shared_score_scale, o.shared_score_shift, attention_);
+        out.narrow(0, t, n).copy_(merge_attention(own, shared));
       } else {
-        result = scaled_dot_product_attention(qt, kt, vt, call.scale, attention_, call.upcast);
+        out.narrow(0, t, n).copy_(scaled_dot_product_attention(product(qt), product(kt), product(vt), call.scale,
+                                                               attention_, call.upcast));
       }
-      out.narrow(0, t, n).copy_(result);
     }
   }
   return out;

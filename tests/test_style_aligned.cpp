@@ -339,6 +339,33 @@ TEST(style_aligned, cross_attention_and_half_precision) {
   EXPECT_ALLCLOSE(half, run(p, qkv.q, qkv.k, qkv.v, layout, 0.35), 2e-2);
 }
 
+// Reduced-precision inputs convert per slice (reference row, AdaIN'd target rows); every branch of the processor
+// must still agree with its fp32 result and keep the input dtype: shared and unshared attention, AdaIN on any of
+// q/k/v, a shift (the merged two-block path on devices), full attention share. bf16 takes the bf16-product kernel
+// on native-bf16 CPUs and fp32 elsewhere; half always computes in fp32.
+TEST(style_aligned, reduced_precision_matches_fp32_on_every_branch) {
+  const auto qkv = random_qkv(6, 2, 24, 8, 21);
+  const auto layout = BatchLayout::cfg(3);
+  std::vector<StyleAlignedOptions> variants(5);
+  variants[1].adain_values = true;
+  variants[2].share_attention = false;
+  variants[2].adain_values = true;
+  variants[3].shared_score_shift = 0.69;
+  variants[3].adain_queries = false;
+  variants[4].full_attention_share = true;
+  for (size_t i = 0; i < variants.size(); ++i) {
+    StyleAlignedProcessor p(variants[i]);
+    const auto reference = run(p, qkv.q, qkv.k, qkv.v, layout, 0.35);
+    for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+      SCOPED_TRACE(fmt::format("variant {}, dtype {}", i, c10::toString(dtype)));
+      auto low = run(p, qkv.q.to(dtype), qkv.k.to(dtype), qkv.v.to(dtype), layout, 0.35);
+      EXPECT_EQ(low.scalar_type(), dtype);
+      // bf16 keeps 8 mantissa bits: inputs and output rounded once each, AdaIN amplifying by ref_std / std.
+      EXPECT_ALLCLOSE(low.to(at::kFloat), reference, dtype == at::kBFloat16 ? 6e-2 : 1e-2);
+    }
+  }
+}
+
 TEST(style_aligned, bad_calls_are_clear_errors) {
   const auto qkv = random_qkv(4, 2, 16, 8, 17);
   StyleAlignedProcessor p(StyleAlignedOptions{});
