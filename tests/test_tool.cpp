@@ -323,10 +323,27 @@ TEST(tool, demo_writes_both_grids_and_the_table_and_study_writes_json) {
   EXPECT_EQ(j["arms"][1]["consistency_gain_vs_vanilla"]["pairs"], 2);
   // An arm with fields overridden runs under its full spec as name; a bad override is a usage error naming it.
   const fs::path js2 = root / "study_override.json";
-  r = run_tool("study --sets 1 --steps 2 --quiet --arms vanilla,style_aligned+shared_score_shift=0.7 --json " +
-               quote(js2.string()));
+  r = run_tool("study --sets 1 --steps 2 --quiet --guidance 5 --per-image --arms "
+               "vanilla,style_aligned+shared_score_shift=0.7 --json " + quote(js2.string()));
   ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_EQ(sa_test::read_json(js2)["arms"][1]["name"], "style_aligned+shared_score_shift=0.7");
+  const json j2 = sa_test::read_json(js2);
+  EXPECT_EQ(j2["arms"][1]["name"], "style_aligned+shared_score_shift=0.7");
+  EXPECT_EQ(j2["guidance"], 5.0);
+  // --per-image: every image's prompt and reading, consistent with the arm's aggregate.
+  for (const auto& arm : j2["arms"]) {
+    ASSERT_EQ(arm["sets"].size(), 1u);
+    const auto& images = arm["sets"][0];
+    ASSERT_EQ(images.size(), 4u);
+    double targets_correct = 0;
+    for (size_t i = 0; i < 4; ++i) {
+      EXPECT_EQ(images[i]["prompt"], j2["arms"][0]["sets"][0][i]["prompt"]);  // same prompts in every arm
+      EXPECT_EQ(images[i]["prompt"].get<std::string>().rfind("a ", 0), 0u) << images[i]["prompt"];
+      EXPECT_TRUE(images[i]["seen"]["object"].is_string());
+      EXPECT_TRUE(images[i]["seen"]["palette"].is_string());
+      if (i > 0) targets_correct += images[i]["object_correct"].get<int>();
+    }
+    EXPECT_DOUBLE_EQ(targets_correct / 3.0, arm["target_object_accuracy"].get<double>());
+  }
   r = run_tool("study --sets 1 --arms vanilla,style_aligned+only_self_level=2");
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("only_self_level"), std::string::npos) << r.output;

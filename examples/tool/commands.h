@@ -29,11 +29,13 @@ struct StudyOptions {
   int64_t sets = 4;
   int64_t steps = 25;
   uint64_t seed = 0;
+  std::optional<double> guidance;  // unset: the pipeline's default
   std::string arms = "vanilla,style_aligned,no_adain,full_attention_share,shared_group_norm";  // study only
   std::string out = "out/demo";  // demo only
   std::string json_out;          // study only
   bool force = false;
   bool quiet = false;
+  bool per_image = false;  // study only: what the evaluators read from every image, in the --json file
   bool layer = false;  // demo --layer: the synthetic one-layer demo instead
 };
 void add_study_options(CLI::App& cmd, StudyOptions& options, bool demo);

@@ -40,6 +40,8 @@ void add_study_options(CLI::App& cmd, StudyOptions& o, bool demo) {
       ->capture_default_str()->check(CLI::Range(1, 100000));
   cmd.add_option("--steps", o.steps, "DDIM steps")->capture_default_str()->check(CLI::Range(1, 1000));
   cmd.add_option("--seed", o.seed, "Seed of the prompts and initial latents of the sets")->capture_default_str();
+  cmd.add_option("--guidance", o.guidance, "Classifier-free guidance scale (default: the pipeline's, 7.5 for SD1.x)")
+      ->check(CLI::Range(0.0, 100.0));
   if (demo) {
     cmd.add_option("--out", o.out, "Output folder (vanilla.png, style_aligned.png, side_by_side.png, summary.json)")
         ->capture_default_str();
@@ -55,6 +57,9 @@ void add_study_options(CLI::App& cmd, StudyOptions& o, bool demo) {
         ->capture_default_str();
     cmd.add_option("--json", o.json_out, "Write the per-arm results and intervals as JSON to this file");
     cmd.add_flag("--force", o.force, "Overwrite an existing --json file");
+    cmd.add_flag("--per-image", o.per_image,
+                 "In the --json file, also every image's prompt and what the evaluators read from it (to see which "
+                 "objects fail and what they became)");
   }
   cmd.add_flag("--quiet", o.quiet, "No progress output");
 }
@@ -114,6 +119,7 @@ std::vector<toy::ArmResult> run(const StudyOptions& o, stylealigned::Pipeline& p
   const auto sets = toy::study_sets(o.sets, 4, o.seed);
   toy::StudyOptions so;
   so.steps = o.steps;
+  so.guidance_scale = o.guidance;
   so.keep_images = keep_images;
   const auto t0 = std::chrono::steady_clock::now();
   const size_t total = sets.size() * arms.size();
@@ -152,6 +158,31 @@ Json arm_json(const toy::ArmResult& arm, const toy::ArmResult& vanilla) {
     j["target_object_accuracy_change_vs_vanilla"] = {{"mean", dobj.mean}, {"ci95", {dobj.low, dobj.high}}};
   }
   return j;
+}
+
+// Per set, per image: the prompt, what the evaluators read (with the object's template match) and the verdicts.
+Json per_image_json(const toy::ArmResult& arm, const std::vector<toy::StudySet>& study_sets) {
+  Json sets = Json::array();
+  for (size_t s = 0; s < arm.reports.size(); ++s) {
+    const toy::SetReport& report = arm.reports[s];
+    const auto& prompts = study_sets.at(s).prompts;
+    Json images = Json::array();
+    for (size_t i = 0; i < report.seen.size(); ++i) {
+      const toy::Evaluation& e = report.seen[i];
+      Json seen;
+      for (const toy::Attribute attr : toy::kAllAttributes) {
+        seen[std::string(toy::attribute_name(attr))] = std::string(toy::value_name(attr, e.attributes.get(attr)));
+      }
+      seen["object_match"] = e.object_match;
+      seen["object_confidence"] = e.confidence_of(toy::Attribute::object);
+      images.push_back({{"prompt", i < prompts.size() ? prompts[i] : std::string()},
+                        {"seen", std::move(seen)},
+                        {"object_correct", report.object_correct[i]},
+                        {"style_consistent", report.style_consistent[i]}});
+    }
+    sets.push_back(std::move(images));
+  }
+  return sets;
 }
 
 void print_table(const std::vector<toy::ArmResult>& results) {
@@ -249,11 +280,14 @@ int run_study(const StudyOptions& o) {
     j["images_per_set"] = 4;
     j["steps"] = o.steps;
     j["seed"] = o.seed;
+    if (o.guidance) j["guidance"] = *o.guidance;
     j["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     j["arms"] = Json::array();
+    const auto sets = o.per_image ? toy::study_sets(o.sets, 4, o.seed) : std::vector<toy::StudySet>{};
     for (size_t i = 0; i < results.size(); ++i) {
       Json a = arm_json(results[i], results.front());
       a["options"] = arms[i].style ? arms[i].style->to_string() : "vanilla";
+      if (o.per_image) a["sets"] = per_image_json(results[i], sets);
       j["arms"].push_back(std::move(a));
     }
     stylealigned::internal::write_file_atomic(o.json_out, j.dump(2) + "\n");
