@@ -180,12 +180,22 @@ void StyleAlignedOptions::validate() const {
   }
 }
 
+std::vector<StyleAlignedOptions::Field> StyleAlignedOptions::fields() const {
+  std::vector<Field> out;
+  for (const auto& f : kFlagFields) out.push_back({f.name, this->*f.member});
+  for (const auto& n : kNumberFields) out.push_back({n.name, this->*n.member});
+  return out;
+}
+
 std::string StyleAlignedOptions::to_string() const {
-  return fmt::format(
-      "share_group_norm={} share_layer_norm={} share_attention={} adain_queries={} adain_keys={} adain_values={} "
-      "full_attention_share={} shared_score_scale={} shared_score_shift={} only_self_level={}",
-      share_group_norm, share_layer_norm, share_attention, adain_queries, adain_keys, adain_values,
-      full_attention_share, shared_score_scale, shared_score_shift, only_self_level);
+  std::string out;
+  for (const Field& f : fields()) {
+    if (!out.empty()) out += ' ';
+    out += f.name + '=';
+    out += std::holds_alternative<bool>(f.value) ? fmt::format("{}", std::get<bool>(f.value))
+                                                  : fmt::format("{}", std::get<double>(f.value));
+  }
+  return out;
 }
 
 // ---- Tensor helpers --------------------------------------------------------------------------------------------

@@ -433,6 +433,19 @@ TEST(style_aligned, options_presets_and_validation) {
   EXPECT_FALSE(overlaid.share_group_norm || overlaid.full_attention_share);
   EXPECT_EQ(overlaid.shared_score_shift, 0.0);
   expect_error([&] { overlaid.assign(named, {"adain_keyz"}); }, "adain_keyz");
+
+  // fields(): every field once, in declaration order, and what it lists reads back through set().
+  const auto fields = named.fields();
+  ASSERT_EQ(fields.size(), 10u);
+  EXPECT_EQ(fields.front().name, "share_group_norm");
+  EXPECT_EQ(fields.back().name, "only_self_level");
+  StyleAlignedOptions rebuilt = StyleAlignedOptions::transfer_notebook();
+  for (const auto& f : fields) {
+    rebuilt.set(f.name, std::holds_alternative<bool>(f.value) ? (std::get<bool>(f.value) ? "1" : "0")
+                                                               : fmt::format("{}", std::get<double>(f.value)));
+  }
+  EXPECT_EQ(rebuilt.to_string(), named.to_string());
+  EXPECT_EQ(named.to_string().find("shared_score_scale=2 "), named.to_string().find("shared_score_scale="));
 }
 
 TEST(style_aligned, install_follows_only_self_level_in_layer_order) {

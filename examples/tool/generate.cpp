@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <variant>
 #include <nlohmann/json.hpp>
 
 #include "stylealigned/image.h"
@@ -238,16 +239,10 @@ int run_generate(GenerateOptions o, bool transfer) {
   settings["dtype"] = o.dtype;
   settings["device"] = o.device;
   settings["style_aligned"] = !o.no_style_align;
-  settings["style_aligned_options"] = {{"share_group_norm", o.sa.share_group_norm},
-                                       {"share_layer_norm", o.sa.share_layer_norm},
-                                       {"share_attention", o.sa.share_attention},
-                                       {"adain_queries", o.sa.adain_queries},
-                                       {"adain_keys", o.sa.adain_keys},
-                                       {"adain_values", o.sa.adain_values},
-                                       {"full_attention_share", o.sa.full_attention_share},
-                                       {"shared_score_scale", o.sa.shared_score_scale},
-                                       {"shared_score_shift", o.sa.shared_score_shift},
-                                       {"only_self_level", o.sa.only_self_level}};
+  auto& options = settings["style_aligned_options"] = nlohmann::ordered_json::object();
+  for (const auto& f : o.sa.fields()) {
+    std::visit([&](auto value) { options[f.name] = value; }, f.value);
+  }
   settings["scheduler"] = nlohmann::ordered_json::parse(
       req.scheduler ? req.scheduler->to_json() : pipe.scheduler_config().to_json());
   if (transfer) {

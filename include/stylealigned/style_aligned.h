@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "stylealigned/attention.h"
@@ -52,6 +53,14 @@ struct StyleAlignedOptions {
   /// command lines and config files can name options without a flag per field (the study tool's arm overrides).
   /// Throws stylealigned::Error naming the field for an unknown name or a value that does not parse.
   void set(const std::string& field, const std::string& value);
+  /// One field by name and value, in declaration order: flags as bool, the rest as double.
+  struct Field {
+    std::string name;
+    std::variant<bool, double> value;
+  };
+  /// Every field with its value, so settings files and logs list them without naming each one again (names as in
+  /// set(): a file written from fields() reads back through set()).
+  std::vector<Field> fields() const;
   /// Copies the named fields (names as in set()) from `from`, leaving the others: defaults overlaid with what a user
   /// gave. Throws stylealigned::Error naming an unknown field.
   void assign(const StyleAlignedOptions& from, const std::vector<std::string>& fields);
