@@ -192,8 +192,7 @@ std::string StyleAlignedOptions::to_string() const {
   for (const Field& f : fields()) {
     if (!out.empty()) out += ' ';
     out += f.name + '=';
-    out += std::holds_alternative<bool>(f.value) ? fmt::format("{}", std::get<bool>(f.value))
-                                                  : fmt::format("{}", std::get<double>(f.value));
+    out += std::visit([](auto value) { return fmt::format("{}", value); }, f.value);
   }
   return out;
 }
@@ -369,9 +368,8 @@ at::Tensor StyleAlignedProcessor::attend(const at::Tensor& q_in, const at::Tenso
           continue;
         }
       }
-      const at::Tensor qf = fp32(qt), kf = fp32(kt), vf = fp32(vt);
       if (o.share_attention) {
-        const at::Tensor kr = fp32(kr_in), vr = fp32(vr_in);
+        const at::Tensor qf = fp32(qt), kf = fp32(kt), vf = fp32(vt), kr = fp32(kr_in), vr = fp32(vr_in);
         if (detail::attention_over_own_and_reference_cpu(qf, kf, vf, kr, vr, call.scale, o.shared_score_scale,
                                                          o.shared_score_shift, attention_, out.narrow(0, t, n))) {
           continue;  // written in place: one softmax over [own ; reference] keys

@@ -341,7 +341,7 @@ TEST(style_aligned, cross_attention_and_half_precision) {
 
 // Reduced-precision inputs convert per slice (reference row, AdaIN'd target rows); every branch of the processor
 // must still agree with its fp32 result and keep the input dtype: shared and unshared attention, AdaIN on any of
-// q/k/v, a shift (the merged two-block path on devices), full attention share. bf16 takes the bf16-product kernel
+// q/k/v, a reference-logit shift, full attention share. bf16 takes the bf16-product kernel
 // on native-bf16 CPUs and fp32 elsewhere; half always computes in fp32.
 TEST(style_aligned, reduced_precision_matches_fp32_on_every_branch) {
   const auto qkv = random_qkv(6, 2, 24, 8, 21);

@@ -115,8 +115,8 @@ std::vector<toy::StudyArm> select_arms(const std::string& list, const stylealign
 }
 
 std::vector<toy::ArmResult> run(const StudyOptions& o, stylealigned::Pipeline& pipe,
-                                const std::vector<toy::StudyArm>& arms, bool keep_images) {
-  const auto sets = toy::study_sets(o.sets, 4, o.seed);
+                                const std::vector<toy::StudySet>& sets, const std::vector<toy::StudyArm>& arms,
+                                bool keep_images) {
   toy::StudyOptions so;
   so.steps = o.steps;
   so.guidance_scale = o.guidance;
@@ -175,7 +175,7 @@ Json per_image_json(const toy::ArmResult& arm, const std::vector<toy::StudySet>&
       }
       seen["object_match"] = e.object_match;
       seen["object_confidence"] = e.confidence_of(toy::Attribute::object);
-      images.push_back({{"prompt", i < prompts.size() ? prompts[i] : std::string()},
+      images.push_back({{"prompt", prompts.at(i)},
                         {"seen", std::move(seen)},
                         {"object_correct", report.object_correct[i]},
                         {"style_consistent", report.style_consistent[i]}});
@@ -234,7 +234,7 @@ int run_showcase(const StudyOptions& o) {
              "StyleAligned should make the 3 targets of a set take them from the reference (image 0).\n"
              "StyleAligned options (the model's defaults): {}\n\n",
              arms[1].style->to_string());
-  const auto results = run(o, pipe, arms, /*keep_images=*/true);
+  const auto results = run(o, pipe, toy::study_sets(o.sets, 4, o.seed), arms, /*keep_images=*/true);
   const at::Tensor vanilla = arm_grid(results[0]), aligned = arm_grid(results[1]);
   const at::Tensor both = stylealigned::image::make_grid({vanilla, aligned}, 2, 24);
   const stylealigned::image::TextChunks text = {{"model", model.string()}, {"steps", std::to_string(o.steps)}};
@@ -271,7 +271,8 @@ int run_study(const StudyOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   auto pipe = stylealigned::Pipeline::load(model);
   const auto arms = select_arms(o.arms, pipe.style_aligned_defaults());
-  const auto results = run(o, pipe, arms, /*keep_images=*/false);
+  const auto sets = toy::study_sets(o.sets, 4, o.seed);
+  const auto results = run(o, pipe, sets, arms, /*keep_images=*/false);
   print_table(results);
   if (!o.json_out.empty()) {
     Json j;
@@ -283,7 +284,6 @@ int run_study(const StudyOptions& o) {
     if (o.guidance) j["guidance"] = *o.guidance;
     j["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     j["arms"] = Json::array();
-    const auto sets = o.per_image ? toy::study_sets(o.sets, 4, o.seed) : std::vector<toy::StudySet>{};
     for (size_t i = 0; i < results.size(); ++i) {
       Json a = arm_json(results[i], results.front());
       a["options"] = arms[i].style ? arms[i].style->to_string() : "vanilla";
