@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -220,6 +221,95 @@ TEST(trainer_unet, resume_continues_like_an_uninterrupted_run) {
   }
   std::printf("unet checkpoints after 4 steps: max |difference| %.3g over %zu tensors\n", worst, a.tensors.size());
   EXPECT_LT(worst, 1e-6);
+}
+
+// The cosine cool-down: lr * step / warmup during the warm-up, then lr_min + (lr - lr_min) (1 + cos(pi p)) / 2
+// with p running from 0 after the warm-up to 1 at max_steps; loss.csv logs the rate each step used.
+TEST(trainer_schedule, cosine_decays_from_the_peak_to_lr_min_at_max_steps) {
+  auto options = tiny_unet(fresh_dir("unet_cosine"), 5);
+  options.common.lr = 1e-3;
+  options.common.lr_min = 1e-4;
+  options.common.warmup_steps = 1;
+  options.common.lr_schedule = "cosine";
+  train::train_unet(options);
+  std::vector<double> lrs;
+  std::istringstream csv(read(options.common.run_dir / "loss.csv"));
+  std::string line;
+  std::getline(csv, line);
+  while (std::getline(csv, line)) {
+    std::vector<std::string> cells;
+    std::stringstream row(line);
+    for (std::string c; std::getline(row, c, ',');) cells.push_back(c);
+    lrs.push_back(std::stod(cells.at(3)));
+  }
+  ASSERT_EQ(lrs.size(), 5u);
+  for (int step = 1; step <= 5; ++step) {
+    const double p = (step - 1) / 4.0;
+    const double expected = 1e-4 + 0.9e-3 * 0.5 * (1.0 + std::cos(M_PI * p));
+    EXPECT_NEAR(lrs[static_cast<size_t>(step - 1)], expected, 1e-5 * expected) << "step " << step;
+  }
+  // The schedule ends at max_steps: a run without one, or an lr_min above the peak, is refused.
+  auto endless = options;
+  endless.common.run_dir = fresh_dir("unet_cosine_endless");
+  endless.common.max_steps = 0;
+  endless.common.minutes = 1.0;
+  EXPECT_THROW(train::train_unet(endless), stylealigned::Error);
+  auto inverted = options;
+  inverted.common.run_dir = fresh_dir("unet_cosine_inverted");
+  inverted.common.lr_min = 2e-3;
+  EXPECT_THROW(train::train_unet(inverted), stylealigned::Error);
+}
+
+// --init-from: a new run starts from an exported folder's text encoder and UNet (fp32 export here, so the start is
+// exact), with the folder's configs; one step at a negligible rate leaves the weights where the folder had them,
+// which random initialisation is far from.
+TEST(trainer_unet, init_from_starts_from_an_exported_folder) {
+  auto source = tiny_unet(fresh_dir("init_source"), 3);
+  source.common.lr = 2e-2;  // move the weights well away from the seed's random initialisation
+  train::train_unet(source);
+  const fs::path folder = fresh_dir("init_folder");
+  train::ExportOptions exp{tiny_vae_run(), source.common.run_dir, folder};
+  exp.dtype = "fp32";
+  exp.use_ema = false;
+  train::export_model(exp);
+
+  const auto distance_to_folder = [&](const fs::path& run) {
+    const auto ckpt = train::read_checkpoint(train::checkpoint_path(run));
+    auto unet = models::UNet2DConditionModel::from_pretrained(folder / "unet");
+    auto te = models::CLIPTextModel::from_pretrained(folder / "text_encoder");
+    double worst = 0.0;
+    for (const auto& p : unet->named_parameters()) {
+      worst = std::max(worst, sa_test::max_abs_diff(p.value(), ckpt.tensors.at("unet." + p.key())));
+    }
+    for (const auto& p : te->named_parameters()) {
+      worst = std::max(worst, sa_test::max_abs_diff(p.value(), ckpt.tensors.at("text_encoder." + p.key())));
+    }
+    return worst;
+  };
+  auto init = tiny_unet(fresh_dir("init_run"), 1);
+  init.common.lr = 1e-9;
+  init.common.weight_decay = 0.0;
+  init.unet_config_json.clear();
+  init.text_encoder_config_json.clear();
+  init.init_from = folder;
+  train::train_unet(init);
+  auto scratch = init;
+  scratch.common.run_dir = fresh_dir("init_scratch");
+  scratch.init_from.clear();
+  scratch.unet_config_json = read(folder / "unet" / "config.json");
+  scratch.text_encoder_config_json = read(folder / "text_encoder" / "config.json");
+  train::train_unet(scratch);
+  const double from_folder = distance_to_folder(init.common.run_dir);
+  const double from_scratch = distance_to_folder(scratch.common.run_dir);
+  std::printf("init-from: max |weight - folder| %.3g (random start: %.3g)\n", from_folder, from_scratch);
+  EXPECT_LT(from_folder, 1e-6);
+  EXPECT_GT(from_scratch, 1e-2);
+  EXPECT_EQ(train::read_checkpoint(train::checkpoint_path(init.common.run_dir)).meta.value("init_from", ""),
+            folder.string());
+  // The folder brings its configs; naming others as well is a contradiction.
+  auto both = tiny_unet(fresh_dir("init_both"), 1);
+  both.init_from = folder;
+  EXPECT_THROW(train::train_unet(both), stylealigned::Error);
 }
 
 TEST(trainer_export, writes_a_folder_the_loaders_read) {

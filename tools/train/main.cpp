@@ -43,6 +43,10 @@ void add_common(CLI::App& cmd, train::CommonOptions& o) {
       ->capture_default_str();
   cmd.add_option("--lr", o.lr, "Peak learning rate (AdamW)")->capture_default_str();
   cmd.add_option("--warmup", o.warmup_steps, "Linear warm-up steps")->capture_default_str();
+  cmd.add_option("--lr-schedule", o.lr_schedule, "After the warm-up: constant, or cosine down to --lr-min at --max-steps")
+      ->check(CLI::IsMember({"constant", "cosine"}))
+      ->capture_default_str();
+  cmd.add_option("--lr-min", o.lr_min, "Final learning rate of the cosine schedule")->capture_default_str();
   cmd.add_option("--weight-decay", o.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   cmd.add_option("--grad-clip", o.grad_clip, "Max global gradient norm (0: off)")->capture_default_str();
   cmd.add_option("--checkpoint-every", o.checkpoint_every, "Steps between checkpoints (also written at the end)")
@@ -105,6 +109,9 @@ int main(int argc, char** argv) {
   unet_cmd->add_option("--data-reuse", unet.data_reuse,
                        "Steps per rendered batch, each with new noise and timesteps (GPU: the renderer is the limit)")
       ->capture_default_str();
+  unet_cmd->add_option("--init-from", unet.init_from,
+                       "Start a new run from this diffusers folder's text_encoder and unet (e.g. models/toy)")
+      ->check(CLI::ExistingDirectory);
   unet_cmd->add_option("--unet-config", unet_config_file, "unet config.json instead of the toy model's");
   unet_cmd->add_option("--text-encoder-config", te_config_file, "text_encoder config.json instead of the toy model's");
 

@@ -13,6 +13,7 @@
 #include <csignal>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <future>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -68,11 +69,28 @@ void check_common(const CommonOptions& o) {
   if (o.val_size <= 0) throw Error(fmt::format("--val-size must be positive, got {}", o.val_size));
   if (o.image_size < 16) throw Error(fmt::format("--image-size must be at least 16, got {}", o.image_size));
   if (o.warmup_steps < 0) throw Error(fmt::format("--warmup must be >= 0, got {}", o.warmup_steps));
+  if (o.lr_schedule != "constant" && o.lr_schedule != "cosine") {
+    throw Error(fmt::format("--lr-schedule must be constant or cosine, got '{}'", o.lr_schedule));
+  }
+  if (o.lr_schedule == "cosine" && o.max_steps <= o.warmup_steps) {
+    throw Error(fmt::format("--lr-schedule cosine needs --max-steps above --warmup (got {} and {}): the schedule "
+                            "ends at --max-steps",
+                            o.max_steps, o.warmup_steps));
+  }
+  if (o.lr_min < 0 || o.lr_min > o.lr) {
+    throw Error(fmt::format("--lr-min must be in [0, --lr], got {} (lr {})", o.lr_min, o.lr));
+  }
 }
 
 double lr_at(const CommonOptions& o, int64_t step) {
-  if (o.warmup_steps <= 0) return o.lr;
-  return o.lr * std::min(1.0, static_cast<double>(step) / static_cast<double>(o.warmup_steps));
+  if (o.warmup_steps > 0 && step < o.warmup_steps) {
+    return o.lr * static_cast<double>(step) / static_cast<double>(o.warmup_steps);
+  }
+  if (o.lr_schedule != "cosine") return o.lr;
+  const double progress = std::clamp(static_cast<double>(step - o.warmup_steps) /
+                                         static_cast<double>(o.max_steps - o.warmup_steps),
+                                     0.0, 1.0);
+  return o.lr_min + (o.lr - o.lr_min) * 0.5 * (1.0 + std::cos(M_PI * progress));
 }
 
 void write_text(const fs::path& path, const std::string& text) {
@@ -82,6 +100,12 @@ void write_text(const fs::path& path, const std::string& text) {
 }
 
 // CLIPTextConfig reads files only: give it the JSON text through a file in the run folder (or a temporary one).
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(fmt::format("cannot read {}", path.string()));
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
 models::CLIPTextConfig clip_config_from_json(const std::string& text, const fs::path& file) {
   write_text(file, text);
   return models::CLIPTextConfig::from_file(file);
@@ -312,7 +336,7 @@ json common_meta(const CommonOptions& o, const std::string& stage, int64_t step,
   return json{{"stage", stage},       {"step", step},         {"seconds", seconds},
               {"seed", o.seed},       {"batch_size", o.batch_size}, {"lr", o.lr},
               {"warmup_steps", o.warmup_steps}, {"weight_decay", o.weight_decay}, {"grad_clip", o.grad_clip},
-              {"image_size", o.image_size}};
+              {"image_size", o.image_size}, {"lr_schedule", o.lr_schedule}, {"lr_min", o.lr_min}};
 }
 
 void write_summary(const CommonOptions& o, const std::string& stage, const StageResult& r, json extra) {
@@ -521,6 +545,12 @@ StageResult train_unet(const UnetStageOptions& options) {
   const c10::Device device = parse_device(o.device);
   use_fast_fp32(device);
   auto resumed = open_run(o, "unet");
+  if (!options.init_from.empty() && !resumed &&
+      (!options.unet_config_json.empty() || !options.text_encoder_config_json.empty())) {
+    throw Error("--init-from takes the configs of its folder: drop --unet-config / --text-encoder-config");
+  }
+  const std::string init_from =
+      resumed ? resumed->meta.value("init_from", std::string()) : options.init_from.string();
 
   // The frozen VAE and the latent scale.
   LoadedVae frozen = load_vae(options.vae_checkpoint);
@@ -564,6 +594,9 @@ StageResult train_unet(const UnetStageOptions& options) {
   if (resumed) {
     te_json = resumed->meta.at("text_encoder_config").get<std::string>();
     unet_json = resumed->meta.at("unet_config").get<std::string>();
+  } else if (!options.init_from.empty()) {
+    te_json = read_text(options.init_from / "text_encoder" / "config.json");
+    unet_json = read_text(options.init_from / "unet" / "config.json");
   }
   const auto te_config = clip_config_from_json(te_json, o.run_dir / "text_encoder_config.json");
   const auto unet_config = models::UNetConfig::from_json(unet_json, "unet config");
@@ -585,6 +618,20 @@ StageResult train_unet(const UnetStageOptions& options) {
     load_module(*unet, *resumed, "unet.");
     start_step = resumed->meta.at("step").get<int64_t>();
     prior_seconds = resumed->meta.value("seconds", 0.0);
+  } else if (!options.init_from.empty()) {
+    // The folder's fp16/bf16 files load as fp32 copies (never mapped: training writes them).
+    models::LoadOptions load;
+    load.map_weights = false;
+    CheckpointData init;
+    init.path = options.init_from;
+    const auto add = [&](const torch::nn::Module& m, const std::string& prefix) {
+      for (auto& [name, t] : named_state(m, prefix)) init.tensors[name] = t.clone();
+    };
+    add(*models::CLIPTextModel::from_pretrained(options.init_from / "text_encoder", load), "text_encoder.");
+    add(*models::UNet2DConditionModel::from_pretrained(options.init_from / "unet", load), "unet.");
+    load_module(*te, init, "text_encoder.");
+    load_module(*unet, init, "unet.");
+    fmt::print(stderr, "[unet] starting from the weights of {}\n", options.init_from.string());
   }
   te->to(device);
   unet->to(device);
@@ -657,6 +704,7 @@ StageResult train_unet(const UnetStageOptions& options) {
     meta["caption_dropout"] = options.caption_dropout;
     meta["ema_decay"] = options.ema_decay;
     meta["data_reuse"] = options.data_reuse;
+    meta["init_from"] = init_from;
     write_checkpoint(o.run_dir / "checkpoint.safetensors", tensors, meta);
   };
 

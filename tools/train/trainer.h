@@ -31,6 +31,10 @@ struct CommonOptions {
   double minutes = 0.0;      ///< wall-clock budget of this invocation; stops cleanly with a checkpoint; 0: none
   double lr = 2e-4;
   int64_t warmup_steps = 200;  ///< linear warm-up from 0 to lr
+  /// After the warm-up: "constant" (lr) or "cosine" (lr down to lr_min at max_steps, which must then be set). A
+  /// cool-down lets an under-trained model settle into a lower loss than a constant rate reaches.
+  std::string lr_schedule = "constant";
+  double lr_min = 0.0;  ///< end of the cosine schedule
   double weight_decay = 1e-2;
   double grad_clip = 1.0;      ///< max global gradient norm; <= 0: no clipping
   int64_t checkpoint_every = 250;
@@ -66,6 +70,10 @@ struct UnetStageOptions {
   /// faster than the CPU renders; 1 (every step new images) keeps a CPU run's data as before.
   int64_t data_reuse = 1;
   std::string unet_config_json;     ///< empty: toy::unet_config_json()
+  /// A fresh run starts from this diffusers folder's text_encoder/ and unet/ (weights and configs; the EMA starts
+  /// from the same weights) instead of random weights: how training continues from a shipped model whose trainer
+  /// checkpoint is gone (its AdamW moments start at zero). Empty: random initialisation. Ignored by a resume.
+  std::filesystem::path init_from;
   std::string text_encoder_config_json;  ///< empty: toy::text_encoder_config_json()
 };
 
