@@ -1,6 +1,7 @@
 // UNet2DConditionModel: parameter names, processor order, config parsing and errors, hooks, and parity with
 // diffusers 0.25.1 on the tiny SD1.5 / SDXL golden models (plain and with StyleAligned installed).
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -649,6 +650,26 @@ TEST(layers, packed_conv_equals_at_conv2d_and_follows_weight_updates) {
               1e-4)
         << what << " after a new weight tensor";
   }
+}
+
+// A module converted under InferenceMode (a host that loads and casts inside its inference scope) holds weights
+// without a version counter; the packed path must still run, and still see an in-place edit made there.
+TEST(layers, packed_conv_takes_inference_mode_weights) {
+  at::manual_seed(7);
+  ScopedConvPacking always(stylealigned::ConvWeightPacking::always);
+  c10::InferenceMode inference;
+  stylealigned::models::layers::Conv2d conv = make_case_conv(kConvCases[0]);
+  conv->to(at::kDouble);
+  conv->to(at::kFloat);  // now inference tensors
+  ASSERT_TRUE(conv->weight.is_inference());
+  const ConvCase& c = kConvCases[0];
+  const at::Tensor x = at::randn({c.n, c.cin, c.hw, c.hw});
+  auto error = [&] {
+    return (conv->forward(x) - at::conv2d(x, conv->weight, conv->bias, c.stride, c.padding)).abs().max().item<float>();
+  };
+  EXPECT_LT(error(), 1e-4);
+  conv->weight.mul_(-2.0);
+  EXPECT_LT(error(), 1e-4) << "after an in-place update of an inference weight";
 }
 
 // bf16 on the packed path (the CPU default where bf16 is native; elsewhere ATen's bf16 kernel): equal to the fp32

@@ -300,8 +300,23 @@ at::Tensor conv2d_packed(const at::Tensor& x, const at::Tensor& w, const at::Ten
   if (!e.usable) return {};
   RECORD_FUNCTION("stylealigned::conv2d", std::vector<c10::IValue>());
 
+  auto reorder = [&] {
+    at::Tensor blocked_copy = at::empty({static_cast<int64_t>(e.weights.get_size())}, w.options().dtype(at::kByte));
+    auto& engine = cpu_engine();
+    const md stored(dims(w.sizes().begin(), w.sizes().end()), e.weights.data_type(), dnnl::memory::format_tag::oihw);
+    dnnl::memory plain(stored, engine, w.data_ptr());
+    dnnl::memory blocked(e.weights, engine, blocked_copy.data_ptr());
+    dnnl::reorder(plain, blocked).execute(cpu_stream(), plain, blocked);
+    cpu_stream().wait();
+    return blocked_copy;
+  };
   at::Tensor weights;
-  {
+  if (w.is_inference()) {
+    // A weight made under InferenceMode (e.g. converted with .to(dtype) there) has no version counter, so an
+    // in-place edit of it could not be told from the cached copy: reorder it on every call instead (a weight-sized
+    // copy, small next to the convolution) rather than risk a stale result.
+    weights = reorder();
+  } else {
     PackedConvWeights::State& s = packed.state();
     std::lock_guard<std::mutex> lock(s.mutex);
     if (s.source != w.data_ptr() || s.version != static_cast<int64_t>(w._version())) {
@@ -313,13 +328,7 @@ at::Tensor conv2d_packed(const at::Tensor& x, const at::Tensor& w, const at::Ten
       if (layout == e.weights) weights = copy;
     }
     if (!weights.defined()) {
-      weights = at::empty({static_cast<int64_t>(e.weights.get_size())}, w.options().dtype(at::kByte));
-      auto& engine = cpu_engine();
-      const md stored(dims(w.sizes().begin(), w.sizes().end()), e.weights.data_type(), dnnl::memory::format_tag::oihw);
-      dnnl::memory plain(stored, engine, w.data_ptr());
-      dnnl::memory blocked(e.weights, engine, weights.data_ptr());
-      dnnl::reorder(plain, blocked).execute(cpu_stream(), plain, blocked);
-      cpu_stream().wait();
+      weights = reorder();
       s.copies.emplace_back(e.weights, weights);
     }
   }

@@ -46,7 +46,8 @@ class PackedConvWeights {
 
 /// at::conv2d with the constraints of conv2d() on channels-last activations: x NCHW- or channels-last-contiguous
 /// (the former is reordered), result channels-last. Weights come from `packed`, made on the first call and remade
-/// when w's storage or version counter changes, so an in-place weight update is never served stale.
+/// when w's storage or version counter changes, so an in-place weight update is never served stale. A weight made
+/// under InferenceMode has no version counter: it is reordered on every call, never cached.
 at::Tensor conv2d_packed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t stride,
                          int64_t padding, const PackedConvWeights& packed);
 
