@@ -61,6 +61,7 @@ struct GenerateOptions {
   std::string out = "out";
   std::string device = "cpu";
   std::string dtype = "fp32";
+  std::string vae_dtype = "auto";  ///< auto: bf16 with --dtype bf16, else fp32 (PipelineLoadOptions::vae_dtype)
   bool force = false;
   bool quiet = false;
   // StyleAligned (defaults: the official SDXL demo; `transfer` switches to the transfer notebook's)

@@ -47,6 +47,9 @@ void add_generate_options(CLI::App& cmd, GenerateOptions& o, bool transfer) {
   cmd.add_option("--device", o.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   cmd.add_option("--dtype", o.dtype, "fp32, bf16 or fp16")->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
+  cmd.add_option("--vae-dtype", o.vae_dtype, "auto (bf16 with --dtype bf16, else fp32), fp32, bf16 or fp16")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}))
+      ->capture_default_str();
   cmd.add_flag("--force", o.force, "overwrite existing output files");
   cmd.add_flag("--quiet", o.quiet, "no progress output");
 
@@ -179,9 +182,12 @@ int run_generate(GenerateOptions o, bool transfer) {
   stylealigned::PipelineLoadOptions lo;
   lo.device = o.device == "cuda" ? c10::Device(c10::kCUDA) : c10::Device(c10::kCPU);
   lo.dtype = parse_dtype(o.dtype);
-  if (lo.device.is_cpu() && lo.dtype != at::kFloat && !stylealigned::cpu_has_native_bf16()) {
+  if (o.vae_dtype != "auto") lo.vae_dtype = parse_dtype(o.vae_dtype);
+  if (lo.device.is_cpu() && (lo.dtype != at::kFloat || lo.vae_dtype.value_or(at::kFloat) != at::kFloat) &&
+      !stylealigned::cpu_has_native_bf16()) {
     fmt::print(stderr, "stylealigned: note: this CPU has no native bf16/fp16 matrix units; running in fp32\n");
     lo.dtype = at::kFloat;
+    lo.vae_dtype = at::kFloat;
   }
   if (!o.quiet) fmt::print(stderr, "loading {} ...\n", o.model);
   auto pipe = stylealigned::Pipeline::load(o.model, lo);
@@ -237,6 +243,7 @@ int run_generate(GenerateOptions o, bool transfer) {
   settings["latents_file"] = o.latents_file;
   settings["eta"] = o.eta;
   settings["dtype"] = o.dtype;
+  settings["vae_dtype"] = pipe.vae_dtype() == at::kBFloat16 ? "bf16" : pipe.vae_dtype() == at::kHalf ? "fp16" : "fp32";
   settings["device"] = o.device;
   settings["style_aligned"] = !o.no_style_align;
   auto& options = settings["style_aligned_options"] = nlohmann::ordered_json::object();

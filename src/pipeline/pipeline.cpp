@@ -52,6 +52,7 @@ struct Pipeline::Impl {
   std::vector<CLIPTextModel> text_encoders;
   UNet2DConditionModel unet{nullptr};
   AutoencoderKL vae{nullptr};
+  c10::ScalarType vae_dtype = at::kFloat;
 
   int64_t vae_factor() const { return int64_t{1} << (vae->config().block_out_channels.size() - 1); }
 
@@ -97,7 +98,7 @@ struct Pipeline::Impl {
       throw Error("reference image: expected uint8 [height, width, 3]");
     }
     auto x = rgb.permute({2, 0, 1}).unsqueeze(0).to(at::kFloat).div(255.0).mul(2.0).sub(1.0).to(options.device);
-    return vae->encode(x).mean * vae->config().scaling_factor;
+    return vae->encode(x.to(vae_dtype)).mean.to(at::kFloat) * vae->config().scaling_factor;
   }
 
   // One image at a time: the decoder's full-resolution activations (128 channels at 512x512 is 134 MB per image
@@ -107,7 +108,9 @@ struct Pipeline::Impl {
   at::Tensor vae_decode(const at::Tensor& latents) {
     const at::Tensor scaled = latents / vae->config().scaling_factor;
     std::vector<at::Tensor> images;
-    for (int64_t i = 0; i < scaled.size(0); ++i) images.push_back(vae->decode(scaled.narrow(0, i, 1)));
+    for (int64_t i = 0; i < scaled.size(0); ++i) {
+      images.push_back(vae->decode(scaled.narrow(0, i, 1).to(vae_dtype)).to(at::kFloat));
+    }
     return images.size() == 1 ? images[0] : at::cat(images, 0);
   }
 };
@@ -204,10 +207,15 @@ Pipeline Pipeline::load(const fs::path& folder, const PipelineLoadOptions& optio
   impl->unet = UNet2DConditionModel::from_pretrained(folder / "unet", lo);
   impl->unet->eval();
   require_folder(folder / "vae", folder);
-  // The VAE always runs in fp32: the official code encodes in fp32, SDXL's VAE overflows in fp16 (force_upcast),
-  // and it is small next to the UNet.
+  // fp16 pipelines decode in fp32 (SDXL's VAE overflows in fp16: force_upcast); bf16 ones in bf16 (see
+  // PipelineLoadOptions::vae_dtype).
+  if (options.vae_dtype && *options.vae_dtype != at::kFloat && *options.vae_dtype != at::kBFloat16 &&
+      *options.vae_dtype != at::kHalf) {
+    throw Error(fmt::format("vae_dtype must be float32, bfloat16 or float16, got {}", c10::toString(*options.vae_dtype)));
+  }
+  impl->vae_dtype = options.vae_dtype.value_or(options.dtype == at::kBFloat16 ? at::kBFloat16 : at::kFloat);
   models::LoadOptions vae_lo = lo;
-  vae_lo.dtype = at::kFloat;
+  vae_lo.dtype = impl->vae_dtype;
   impl->vae = AutoencoderKL::from_pretrained(folder / "vae", vae_lo);
   impl->vae->eval();
   return Pipeline(std::move(impl));
@@ -216,6 +224,7 @@ Pipeline Pipeline::load(const fs::path& folder, const PipelineLoadOptions& optio
 ModelFamily Pipeline::family() const { return impl_->family; }
 const fs::path& Pipeline::folder() const { return impl_->folder; }
 int64_t Pipeline::vae_scale_factor() const { return impl_->vae_factor(); }
+c10::ScalarType Pipeline::vae_dtype() const { return impl_->vae_dtype; }
 int64_t Pipeline::latent_channels() const { return impl_->unet->config().in_channels; }
 int64_t Pipeline::default_width() const {
   auto s = impl_->unet->config().sample_size;
