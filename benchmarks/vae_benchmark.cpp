@@ -130,6 +130,9 @@ int run(const Options& o) {
     sa::warn(fmt::format("--dtype {}: this CPU has no native bf16/fp16 matrix units; expect it far slower than fp32",
                          o.dtype));
   }
+  if (dtype == at::kHalf && !sa::cpu_supports_fp16_convolution()) {
+    throw sa::Error("--dtype fp16: this libtorch has no fp16 CPU convolution; use bf16");
+  }
   const int threads = sa::configure_threads(o.threads);
   sa::configure_large_tensor_pages();
   // Weights are built and converted outside InferenceMode, as Pipeline::load does: only the decodes run in it.

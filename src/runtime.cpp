@@ -5,6 +5,9 @@
 #include <fmt/format.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sched.h>
@@ -200,6 +203,20 @@ int configure_threads(int threads) {
 bool cpu_has_native_bf16() {
   const std::string flags = " " + cpuinfo_field("flags") + " ";
   return flags.find(" avx512_bf16 ") != std::string::npos || flags.find(" amx_bf16 ") != std::string::npos;
+}
+
+bool cpu_supports_fp16_convolution() {
+  static const bool supported = [] {
+    try {
+      at::NoGradGuard no_grad;
+      const auto half = at::TensorOptions().dtype(at::kHalf);
+      (void)at::conv2d(at::zeros({1, 1, 2, 2}, half), at::zeros({1, 1, 1, 1}, half));
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return supported;
 }
 
 namespace {

@@ -33,6 +33,11 @@ bool configure_large_tensor_pages(std::size_t min_bytes = std::size_t{2} << 20,
 /// kernels run 20-100x slower than fp32, so fp32 is the default there.
 bool cpu_has_native_bf16();
 
+/// True if this libtorch can run fp16 convolutions on the CPU. libtorch 1.13 cannot ("slow_conv2d_cpu" not
+/// implemented for 'Half'); 2.x can. Probed once with a 1x1 convolution. Pipeline::load refuses an fp16 UNet or VAE
+/// on the CPU without it, naming the option, instead of failing mid-generation.
+bool cpu_supports_fp16_convolution();
+
 /// When the CPU convolutions reorder their weights once into oneDNN's blocked layout and run on channels-last
 /// activations (its brgconv kernels). Measured on a 2-core AVX-512 BF16 EPYC, SD1.5 UNet at 512x512, batch 2, one
 /// run: bf16 5.00 s packed against 6.38 s plain (fp32 plain 9.11 s), fp32 8.47 s packed. The price is a second copy

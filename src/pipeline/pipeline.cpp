@@ -177,6 +177,25 @@ Pipeline Pipeline::load(const fs::path& folder, const PipelineLoadOptions& optio
       throw Error(fmt::format("{}: {}", where, e.what()));
     }
   }
+  if (options.vae_dtype && *options.vae_dtype != at::kFloat && *options.vae_dtype != at::kBFloat16 &&
+      *options.vae_dtype != at::kHalf) {
+    throw Error(fmt::format("vae_dtype must be float32, bfloat16 or float16, got {}", c10::toString(*options.vae_dtype)));
+  }
+  // fp16 pipelines decode in fp32 (SDXL's VAE overflows in fp16: force_upcast); bf16 ones in bf16 (see
+  // PipelineLoadOptions::vae_dtype).
+  const c10::ScalarType vae_dtype =
+      options.vae_dtype.value_or(options.dtype == at::kBFloat16 ? at::kBFloat16 : at::kFloat);
+  if (options.device.is_cpu()) {
+    for (const auto& [name, dtype] : {std::pair<const char*, c10::ScalarType>{"dtype", options.dtype},
+                                      std::pair<const char*, c10::ScalarType>{"vae_dtype", vae_dtype}}) {
+      // The probe runs a convolution: only when fp16 is asked for (it would cost an fp32 load memory and time).
+      if (dtype == at::kHalf && !cpu_supports_fp16_convolution()) {
+        throw Error(fmt::format("{} float16 on the CPU: this libtorch has no fp16 CPU convolution; use bfloat16 or "
+                                "float32 (fp16 is a GPU dtype here)",
+                                name));
+      }
+    }
+  }
   if (options.dtype != at::kFloat && options.device.is_cpu() && !cpu_has_native_bf16()) {
     warn(fmt::format("{} requested on a CPU without native bf16/fp16 matrix units: expect it to be far slower "
                      "than fp32",
@@ -207,13 +226,7 @@ Pipeline Pipeline::load(const fs::path& folder, const PipelineLoadOptions& optio
   impl->unet = UNet2DConditionModel::from_pretrained(folder / "unet", lo);
   impl->unet->eval();
   require_folder(folder / "vae", folder);
-  // fp16 pipelines decode in fp32 (SDXL's VAE overflows in fp16: force_upcast); bf16 ones in bf16 (see
-  // PipelineLoadOptions::vae_dtype).
-  if (options.vae_dtype && *options.vae_dtype != at::kFloat && *options.vae_dtype != at::kBFloat16 &&
-      *options.vae_dtype != at::kHalf) {
-    throw Error(fmt::format("vae_dtype must be float32, bfloat16 or float16, got {}", c10::toString(*options.vae_dtype)));
-  }
-  impl->vae_dtype = options.vae_dtype.value_or(options.dtype == at::kBFloat16 ? at::kBFloat16 : at::kFloat);
+  impl->vae_dtype = vae_dtype;
   models::LoadOptions vae_lo = lo;
   vae_lo.dtype = impl->vae_dtype;
   impl->vae = AutoencoderKL::from_pretrained(folder / "vae", vae_lo);
