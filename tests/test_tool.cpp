@@ -60,6 +60,8 @@ TEST(tool, generate_reproduces_golden_latents_through_files) {
   EXPECT_EQ(settings["prompts"].size(), 4u);
   EXPECT_EQ(settings["steps"], 5);
   EXPECT_EQ(settings["style_aligned_options"]["share_group_norm"], true);
+  EXPECT_EQ(settings["dtype"], "fp32");      // what ran
+  EXPECT_EQ(settings["vae_dtype"], "fp32");  // auto with an fp32 pipeline
   auto text = stylealigned::image::read_png_text(dir / "set" / "01.png");
   bool has_settings = false;
   for (const auto& [k, v] : text) has_settings |= (k == "settings" && json::parse(v)["steps"] == 5);

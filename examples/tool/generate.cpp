@@ -242,8 +242,11 @@ int run_generate(GenerateOptions o, bool transfer) {
   settings["seed"] = o.seed;
   settings["latents_file"] = o.latents_file;
   settings["eta"] = o.eta;
-  settings["dtype"] = o.dtype;
-  settings["vae_dtype"] = pipe.vae_dtype() == at::kBFloat16 ? "bf16" : pipe.vae_dtype() == at::kHalf ? "fp16" : "fp32";
+  // The dtypes that ran (a CPU without native bf16 falls back to fp32), not only the ones asked for.
+  auto dtype_flag = [](c10::ScalarType t) { return t == at::kBFloat16 ? "bf16" : t == at::kHalf ? "fp16" : "fp32"; };
+  settings["dtype"] = dtype_flag(lo.dtype);
+  if (o.dtype != settings["dtype"].get<std::string>()) settings["dtype_requested"] = o.dtype;
+  settings["vae_dtype"] = dtype_flag(pipe.vae_dtype());
   settings["device"] = o.device;
   settings["style_aligned"] = !o.no_style_align;
   auto& options = settings["style_aligned_options"] = nlohmann::ordered_json::object();
