@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -124,6 +125,15 @@ inline double onednn_gemm_gflops(int64_t n = 2048, int reps = 5) {
     times.push_back(seconds_since(t0));
   }
   return 2.0 * static_cast<double>(n) * n * n / median(times) / 1e9;
+}
+
+// --model accepts a diffusers pipeline folder (with `component`/, e.g. unet or vae) or that subfolder itself.
+inline std::filesystem::path component_folder(const std::string& model, const std::string& component) {
+  const std::filesystem::path dir(model);
+  if (std::filesystem::exists(dir / component / "config.json")) return dir / component;
+  if (std::filesystem::exists(dir / "config.json")) return dir;
+  throw sa::Error(fmt::format("--model {}: neither {} nor {} exists", model,
+                              (dir / component / "config.json").string(), (dir / "config.json").string()));
 }
 
 inline void print(const Json& j) {

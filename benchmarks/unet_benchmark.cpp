@@ -22,7 +22,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -44,7 +43,6 @@
 
 namespace {
 
-namespace fs = std::filesystem;
 namespace sa = stylealigned;
 using sa::models::UNetConfig;
 using namespace sa_bench;  // NOLINT: the shared timing, memory and GEMM-yardstick helpers
@@ -400,17 +398,8 @@ struct Options {
   std::string conv_packing;  // empty: the process default (STYLEALIGNED_CONV_PACK, else auto)
 };
 
-// --model accepts a diffusers pipeline folder (with unet/) or the unet folder itself.
-fs::path unet_folder(const std::string& model) {
-  const fs::path dir(model);
-  if (fs::exists(dir / "unet" / "config.json")) return dir / "unet";
-  if (fs::exists(dir / "config.json")) return dir;
-  throw sa::Error(fmt::format("--model {}: neither {} nor {} exists", model, (dir / "unet" / "config.json").string(),
-                              (dir / "config.json").string()));
-}
-
 UNetConfig config_for(const Options& o) {
-  if (!o.model.empty()) return UNetConfig::from_file(unet_folder(o.model) / "config.json");
+  if (!o.model.empty()) return UNetConfig::from_file(component_folder(o.model, "unet") / "config.json");
   if (o.config == "sd15") return UNetConfig::stable_diffusion_v1_5();
   if (o.config == "sdxl") return UNetConfig::stable_diffusion_xl_base();
   return UNetConfig::from_file(o.config);
@@ -504,7 +493,7 @@ int run(const Options& o) {
   const FlopCount flops_vanilla(config, o.batch, latent_h, latent_w, o.text_tokens, StyleSharing{});
   if (o.compare_vanilla && !style_align) throw sa::Error("--compare-vanilla needs StyleAligned on (drop --no-style-align)");
 
-  const std::string source = !o.model.empty() ? unet_folder(o.model).string() : o.config;
+  const std::string source = !o.model.empty() ? component_folder(o.model, "unet").string() : o.config;
   Json head;
   head["model"] = source;
   head["weights"] = o.model.empty() ? "random (from_config: PyTorch default init)" : "checkpoint";
@@ -580,7 +569,7 @@ int run(const Options& o) {
     sa::models::LoadOptions load;
     load.dtype = dtype;
     load.device = device;
-    unet = sa::models::UNet2DConditionModel::from_pretrained(unet_folder(o.model), load);
+    unet = sa::models::UNet2DConditionModel::from_pretrained(component_folder(o.model, "unet"), load);
   } else {
     unet = sa::models::UNet2DConditionModel::from_config(config);
     if (dtype != at::kFloat || device != at::Device(at::kCPU)) unet->to(device, dtype);

@@ -16,7 +16,6 @@
 
 #include <CLI/CLI.hpp>
 #include <cmath>
-#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -27,7 +26,6 @@
 
 namespace {
 
-namespace fs = std::filesystem;
 using namespace sa_bench;  // NOLINT
 using sa::models::VAEConfig;
 
@@ -99,14 +97,6 @@ struct Options {
   bool count_only = false;
 };
 
-fs::path vae_folder(const std::string& model) {
-  const fs::path dir(model);
-  if (fs::exists(dir / "vae" / "config.json")) return dir / "vae";
-  if (fs::exists(dir / "config.json")) return dir;
-  throw sa::Error(fmt::format("--model {}: neither {} nor {} exists", model, (dir / "vae" / "config.json").string(),
-                              (dir / "config.json").string()));
-}
-
 // Median seconds of `reps` decodes of `latents` after `warmup` untimed ones; prints one line per timed decode.
 double time_decodes(sa::models::AutoencoderKL& vae, const at::Tensor& latents, const Options& o, const char* dtype,
                     at::Tensor* out) {
@@ -141,7 +131,7 @@ int run(const Options& o) {
   sa::models::AutoencoderKL vae{nullptr};
   at::manual_seed(static_cast<int64_t>(o.seed));
   if (!o.model.empty()) {
-    vae = sa::models::AutoencoderKL::from_pretrained(vae_folder(o.model));
+    vae = sa::models::AutoencoderKL::from_pretrained(component_folder(o.model, "vae"));
     config = vae->config();
   } else {
     config = o.config == "sd" ? stable_diffusion_vae() : VAEConfig::from_file(o.config);
