@@ -1,0 +1,30 @@
+# Shared by the benchmark ctest drivers (bench_unet_smoke.cmake, bench_vae_smoke.cmake).
+# run_bench(OUT args...): runs ${BENCH} with the arguments; it must exit 0 and its last stdout line must be a JSON
+# object with "summary": true, which is returned in OUT.
+function(run_bench out_var)
+  execute_process(COMMAND ${BENCH} ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${BENCH} ${ARGN} exited with ${rc}\nstdout:\n${out}\nstderr:\n${err}")
+  endif()
+  string(STRIP "${out}" out)
+  string(REGEX REPLACE ".*\n" "" last "${out}")
+  string(JSON is_summary ERROR_VARIABLE json_error GET "${last}" summary)
+  if(json_error OR NOT is_summary)
+    message(FATAL_ERROR "last line is not the JSON summary (${json_error}):\n${last}")
+  endif()
+  set(${out_var} "${last}" PARENT_SCOPE)
+endfunction()
+
+# require_keys(JSON [UNDER member] KEYS k...): every key must be present in JSON (or in its object UNDER).
+function(require_keys json)
+  cmake_parse_arguments(R "" "UNDER" "KEYS" ${ARGN})
+  foreach(key ${R_KEYS})
+    string(JSON value ERROR_VARIABLE json_error GET "${json}" ${R_UNDER} ${key})
+    if(json_error)
+      if(R_UNDER)
+        set(key "${R_UNDER}.${key}")
+      endif()
+      message(FATAL_ERROR "summary lacks '${key}':\n${json}")
+    endif()
+  endforeach()
+endfunction()
