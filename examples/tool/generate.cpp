@@ -125,6 +125,9 @@ c10::ScalarType parse_dtype(const std::string& s) {
   return at::kFloat;
 }
 
+// parse_dtype's inverse, for settings.json.
+const char* dtype_flag(c10::ScalarType t) { return t == at::kBFloat16 ? "bf16" : t == at::kHalf ? "fp16" : "fp32"; }
+
 at::Tensor load_latents_file(const std::string& path) {
   auto file = stylealigned::io::SafetensorsFile::open(path);
   if (file.tensors().size() != 1) {
@@ -243,7 +246,6 @@ int run_generate(GenerateOptions o, bool transfer) {
   settings["latents_file"] = o.latents_file;
   settings["eta"] = o.eta;
   // The dtypes that ran (a CPU without native bf16 falls back to fp32), not only the ones asked for.
-  auto dtype_flag = [](c10::ScalarType t) { return t == at::kBFloat16 ? "bf16" : t == at::kHalf ? "fp16" : "fp32"; };
   settings["dtype"] = dtype_flag(lo.dtype);
   if (o.dtype != settings["dtype"].get<std::string>()) settings["dtype_requested"] = o.dtype;
   settings["vae_dtype"] = dtype_flag(pipe.vae_dtype());

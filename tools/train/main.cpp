@@ -5,8 +5,6 @@
 #include <fmt/format.h>
 
 #include <exception>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include "stylealigned/error.h"
@@ -16,14 +14,6 @@
 namespace {
 
 namespace train = stylealigned::train;
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw stylealigned::Error(fmt::format("cannot read config file {}", path));
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 // OpenBLAS (Debian's libtorch runs its GEMMs there) keeps its own thread pool next to ATen's: limit both, so
 // `--threads 1` really leaves the other cores alone.
@@ -138,11 +128,11 @@ int main(int argc, char** argv) {
     stylealigned::configure_large_tensor_pages();
     limit_blas_threads(used);
     if (vae_cmd->parsed()) {
-      if (!vae_config_file.empty()) vae.vae_config_json = read_file(vae_config_file);
+      if (!vae_config_file.empty()) vae.vae_config_json = train::read_text(vae_config_file);
       train::train_vae(vae);
     } else if (unet_cmd->parsed()) {
-      if (!unet_config_file.empty()) unet.unet_config_json = read_file(unet_config_file);
-      if (!te_config_file.empty()) unet.text_encoder_config_json = read_file(te_config_file);
+      if (!unet_config_file.empty()) unet.unet_config_json = train::read_text(unet_config_file);
+      if (!te_config_file.empty()) unet.text_encoder_config_json = train::read_text(te_config_file);
       train::train_unet(unet);
     } else if (export_cmd->parsed()) {
       exp.use_ema = !no_ema;

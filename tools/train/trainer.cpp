@@ -100,12 +100,6 @@ void write_text(const fs::path& path, const std::string& text) {
 }
 
 // CLIPTextConfig reads files only: give it the JSON text through a file in the run folder (or a temporary one).
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(fmt::format("cannot read {}", path.string()));
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
 models::CLIPTextConfig clip_config_from_json(const std::string& text, const fs::path& file) {
   write_text(file, text);
   return models::CLIPTextConfig::from_file(file);
@@ -384,6 +378,12 @@ LoadedVae load_vae(const fs::path& where) {
 
 }  // namespace
 
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(fmt::format("cannot read {}", path.string()));
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
 fs::path checkpoint_path(const fs::path& path) {
   return fs::is_directory(path) ? path / "checkpoint.safetensors" : path;
 }
@@ -625,7 +625,7 @@ StageResult train_unet(const UnetStageOptions& options) {
     CheckpointData init;
     init.path = options.init_from;
     const auto add = [&](const torch::nn::Module& m, const std::string& prefix) {
-      for (auto& [name, t] : named_state(m, prefix)) init.tensors[name] = t.clone();
+      for (auto& [name, t] : named_state(m, prefix)) init.tensors[name] = t;  // load_module copies them
     };
     add(*models::CLIPTextModel::from_pretrained(options.init_from / "text_encoder", load), "text_encoder.");
     add(*models::UNet2DConditionModel::from_pretrained(options.init_from / "unet", load), "unet.");

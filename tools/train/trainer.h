@@ -104,6 +104,9 @@ StageResult train_unet(const UnetStageOptions& options);
 /// toy::export_model_folder with those configs (scaling_factor: the one the unet stage trained with).
 void export_model(const ExportOptions& options);
 
+/// The whole file as text; throws stylealigned::Error naming it if it cannot be read.
+std::string read_text(const std::filesystem::path& path);
+
 /// `path` itself if it is a file, else `path`/checkpoint.safetensors.
 std::filesystem::path checkpoint_path(const std::filesystem::path& path);
 
