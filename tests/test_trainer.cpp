@@ -306,10 +306,46 @@ TEST(trainer_unet, init_from_starts_from_an_exported_folder) {
   EXPECT_GT(from_scratch, 1e-2);
   EXPECT_EQ(train::read_checkpoint(train::checkpoint_path(init.common.run_dir)).meta.value("init_from", ""),
             folder.string());
-  // The folder brings its configs; naming others as well is a contradiction.
-  auto both = tiny_unet(fresh_dir("init_both"), 1);
-  both.init_from = folder;
-  EXPECT_THROW(train::train_unet(both), stylealigned::Error);
+  // A config in which some folder tensor has no same-shaped home does not grow the folder's model: refused.
+  auto other = init;
+  other.common.run_dir = fresh_dir("init_other");
+  json wider = sa_test::read_json(folder / "unet" / "config.json");
+  wider["block_out_channels"] = {16, 48};
+  other.unet_config_json = wider.dump();
+  EXPECT_THROW(train::train_unet(other), stylealigned::Error);
+
+  // A grown config (a second transformer layer per attention): the folder's tensors load by name, the new layers
+  // start as identities, so the grown model computes what the folder's does (probe deviation 0, the same first
+  // loss on the same data as a plain --init-from run) and only the new tensors are extra.
+  auto grown = init;
+  grown.common.run_dir = fresh_dir("init_grown");
+  json deeper = sa_test::read_json(folder / "unet" / "config.json");
+  deeper["transformer_layers_per_block"] = 2;
+  grown.unet_config_json = deeper.dump();
+  const train::StageResult grown_result = train::train_unet(grown);
+  const train::StageResult plain_result = train::train_unet([&] {
+    auto plain = init;
+    plain.common.run_dir = fresh_dir("init_plain");
+    return plain;
+  }());
+  const auto ckpt = train::read_checkpoint(train::checkpoint_path(grown.common.run_dir));
+  const json growth = ckpt.meta.at("growth");
+  std::printf("grown: %s; first loss %.9g (plain init-from %.9g)\n", growth.dump().c_str(),
+              grown_result.losses.front(), plain_result.losses.front());
+  EXPECT_EQ(growth.at("text_encoder_new_tensors").get<int>(), 0);
+  EXPECT_GT(growth.at("unet_new_tensors").get<int>(), 0);
+  EXPECT_LT(growth.at("probe_max_abs_unet").get<double>(), 1e-6);
+  EXPECT_NEAR(grown_result.losses.front(), plain_result.losses.front(), 1e-5 * plain_result.losses.front());
+  auto folder_unet = models::UNet2DConditionModel::from_pretrained(folder / "unet");
+  double worst = 0.0;
+  for (const auto& p : folder_unet->named_parameters()) {
+    worst = std::max(worst, sa_test::max_abs_diff(p.value(), ckpt.tensors.at("unet." + p.key())));
+  }
+  EXPECT_LT(worst, 1e-6);
+  const std::string added = "unet.down_blocks.0.attentions.0.transformer_blocks.1.";
+  ASSERT_TRUE(ckpt.tensors.count(added + "attn1.to_out.0.weight"));
+  EXPECT_LT(ckpt.tensors.at(added + "attn1.to_out.0.weight").abs().max().item<double>(), 1e-6);
+  EXPECT_GT(ckpt.tensors.at(added + "attn1.to_q.weight").abs().max().item<double>(), 1e-2);  // random, not zero
 }
 
 TEST(trainer_export, writes_a_folder_the_loaders_read) {

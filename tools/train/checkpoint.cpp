@@ -73,4 +73,35 @@ void load_module(torch::nn::Module& module, const CheckpointData& checkpoint, co
   for (auto& [target, source] : copies) target.detach().copy_(source);
 }
 
+std::vector<std::string> load_module_grown(torch::nn::Module& module, const CheckpointData& checkpoint,
+                                           const std::string& prefix) {
+  std::map<std::string, at::Tensor> targets;
+  for (const auto& p : module.named_parameters()) targets.emplace(p.key(), p.value());
+  for (const auto& p : module.named_buffers()) targets.emplace(p.key(), p.value());
+  std::vector<std::string> problems;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  for (const auto& [name, source] : checkpoint.tensors) {
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    auto it = targets.find(name.substr(prefix.size()));
+    if (it == targets.end()) {
+      problems.push_back(fmt::format("'{}' has no place in the grown model", name));
+    } else if (it->second.sizes() != source.sizes()) {
+      problems.push_back(fmt::format("'{}' is [{}], the grown model wants [{}]", name, fmt::join(source.sizes(), ", "),
+                                     fmt::join(it->second.sizes(), ", ")));
+    } else {
+      copies.emplace_back(it->second, source);
+      targets.erase(it);
+    }
+  }
+  if (!problems.empty()) {
+    throw Error(fmt::format("{}: the config does not grow this model: {}", checkpoint.path.string(),
+                            fmt::join(problems, "; ")));
+  }
+  at::NoGradGuard no_grad;
+  for (auto& [target, source] : copies) target.detach().copy_(source);
+  std::vector<std::string> added;
+  for (const auto& [name, t] : targets) added.push_back(name);
+  return added;
+}
+
 }  // namespace stylealigned::train

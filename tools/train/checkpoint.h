@@ -9,6 +9,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "optim.h"
 
@@ -35,5 +36,11 @@ NamedTensors named_state(const torch::nn::Module& module, const std::string& pre
 /// Copies the tensors `prefix + name` into every parameter and buffer of `module`. Throws stylealigned::Error
 /// listing every missing or mis-shaped tensor (with the checkpoint path) before copying anything.
 void load_module(torch::nn::Module& module, const CheckpointData& checkpoint, const std::string& prefix);
+/// For a module built from a grown config (more layers than the checkpoint's): every checkpoint tensor under
+/// `prefix` must find a same-named, same-shaped parameter or buffer, which it is copied into; the module's tensors
+/// the checkpoint lacks keep their values and their names (without prefix) are returned. Throws
+/// stylealigned::Error listing every checkpoint tensor without a home or with another shape, before copying.
+std::vector<std::string> load_module_grown(torch::nn::Module& module, const CheckpointData& checkpoint,
+                                           const std::string& prefix);
 
 }  // namespace stylealigned::train

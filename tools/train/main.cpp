@@ -100,7 +100,9 @@ int main(int argc, char** argv) {
                        "Steps per rendered batch, each with new noise and timesteps (GPU: the renderer is the limit)")
       ->capture_default_str();
   unet_cmd->add_option("--init-from", unet.init_from,
-                       "Start a new run from this diffusers folder's text_encoder and unet (e.g. models/toy)")
+                       "Start a new run from this diffusers folder's text_encoder and unet (e.g. models/toy); with "
+                       "--unet-config / --text-encoder-config, a grown config: the folder's tensors load by name, "
+                       "new layers start as identities")
       ->check(CLI::ExistingDirectory);
   unet_cmd->add_option("--unet-config", unet_config_file, "unet config.json instead of the toy model's");
   unet_cmd->add_option("--text-encoder-config", te_config_file, "text_encoder config.json instead of the toy model's");

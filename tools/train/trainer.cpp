@@ -1,6 +1,7 @@
 #include "trainer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
@@ -14,6 +15,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <map>
 #include <future>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -528,6 +530,57 @@ StageResult train_vae(const VaeStageOptions& options) {
 
 // Stage unet --------------------------------------------------------------------------------------------------------
 
+namespace {
+
+// A grown model's new layers start as identities: the last projection of every residual branch they add (attention
+// and feed-forward outputs, a new Transformer2DModel's proj_out, CLIP's out_proj and fc2) is zero, so the grown
+// network computes what the folder's did and training only has to find a use for them.
+bool is_residual_output(const std::string& name) {
+  for (const char* key : {".to_out.0.", ".ff.net.2.", "proj_out.", ".out_proj.", ".fc2."}) {
+    if (name.find(key) != std::string::npos) return true;
+  }
+  return false;
+}
+
+std::vector<std::string> grow_from(torch::nn::Module& module, const CheckpointData& init, const std::string& prefix) {
+  const std::vector<std::string> added = load_module_grown(module, init, prefix);
+  std::map<std::string, at::Tensor> params;
+  for (const auto& p : module.named_parameters()) params.emplace(p.key(), p.value());
+  at::NoGradGuard no_grad;
+  for (const auto& name : added) {
+    auto it = params.find(name);
+    if (it != params.end() && is_residual_output(name)) it->second.detach().zero_();
+  }
+  return added;
+}
+
+struct GrowthCheck {
+  double text_encoder = 0.0;
+  double unet = 0.0;
+};
+
+// How far the grown model's outputs are from the folder's on one fixed random input: 0 up to rounding when the new
+// config only adds layers; a config that changes what existing layers compute (more heads, new resnets in a block
+// that concatenates skips) shows here instead of silently throwing the start away.
+GrowthCheck check_growth(models::CLIPTextModelImpl& old_te, models::CLIPTextModelImpl& te,
+                         models::UNet2DConditionModelImpl& old_unet, models::UNet2DConditionModelImpl& unet, const models::CLIPTextConfig& te_config,
+                         const models::UNetConfig& unet_config) {
+  at::NoGradGuard no_grad;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  const at::Tensor ids = at::randint(te_config.vocab_size, {1, 8}, gen, at::kLong);
+  GrowthCheck check;
+  const at::Tensor hidden = te.forward(ids).last_hidden_state;
+  check.text_encoder = (hidden - old_te.forward(ids).last_hidden_state).abs().max().item<double>();
+  const int64_t side = unet_config.sample_size > 0 ? unet_config.sample_size : 16;
+  const at::Tensor x = at::randn({1, unet_config.in_channels, side, side}, gen, at::kFloat);
+  const at::Tensor t = at::full({1}, 500, at::kLong);
+  const at::Tensor context = at::randn({1, 8, unet_config.cross_attention_dim.at(0)}, gen, at::kFloat);
+  check.unet = (unet.forward(x, t, context) - old_unet.forward(x, t, context)).abs().max().item<double>();
+  return check;
+}
+
+}  // namespace
+
 StageResult train_unet(const UnetStageOptions& options) {
   const CommonOptions& o = options.common;
   check_common(o);
@@ -545,12 +598,10 @@ StageResult train_unet(const UnetStageOptions& options) {
   const c10::Device device = parse_device(o.device);
   use_fast_fp32(device);
   auto resumed = open_run(o, "unet");
-  if (!options.init_from.empty() && !resumed &&
-      (!options.unet_config_json.empty() || !options.text_encoder_config_json.empty())) {
-    throw Error("--init-from takes the configs of its folder: drop --unet-config / --text-encoder-config");
-  }
   const std::string init_from =
       resumed ? resumed->meta.value("init_from", std::string()) : options.init_from.string();
+  // How a grown start was made (new tensors, probe deviation), kept in every checkpoint of the run.
+  json growth = resumed ? resumed->meta.value("growth", json()) : json();
 
   // The frozen VAE and the latent scale.
   LoadedVae frozen = load_vae(options.vae_checkpoint);
@@ -595,8 +646,9 @@ StageResult train_unet(const UnetStageOptions& options) {
     te_json = resumed->meta.at("text_encoder_config").get<std::string>();
     unet_json = resumed->meta.at("unet_config").get<std::string>();
   } else if (!options.init_from.empty()) {
-    te_json = read_text(options.init_from / "text_encoder" / "config.json");
-    unet_json = read_text(options.init_from / "unet" / "config.json");
+    // The folder's configs, unless a given one grows it (see the loading below).
+    if (options.text_encoder_config_json.empty()) te_json = read_text(options.init_from / "text_encoder" / "config.json");
+    if (options.unet_config_json.empty()) unet_json = read_text(options.init_from / "unet" / "config.json");
   }
   const auto te_config = clip_config_from_json(te_json, o.run_dir / "text_encoder_config.json");
   const auto unet_config = models::UNetConfig::from_json(unet_json, "unet config");
@@ -625,13 +677,30 @@ StageResult train_unet(const UnetStageOptions& options) {
     CheckpointData init;
     init.path = options.init_from;
     const auto add = [&](const torch::nn::Module& m, const std::string& prefix) {
-      for (auto& [name, t] : named_state(m, prefix)) init.tensors[name] = t;  // load_module copies them
+      for (auto& [name, t] : named_state(m, prefix)) init.tensors[name] = t;  // the loads below copy them
     };
-    add(*models::CLIPTextModel::from_pretrained(options.init_from / "text_encoder", load), "text_encoder.");
-    add(*models::UNet2DConditionModel::from_pretrained(options.init_from / "unet", load), "unet.");
-    load_module(*te, init, "text_encoder.");
-    load_module(*unet, init, "unet.");
-    fmt::print(stderr, "[unet] starting from the weights of {}\n", options.init_from.string());
+    auto folder_te = models::CLIPTextModel::from_pretrained(options.init_from / "text_encoder", load);
+    auto folder_unet = models::UNet2DConditionModel::from_pretrained(options.init_from / "unet", load);
+    add(*folder_te, "text_encoder.");
+    add(*folder_unet, "unet.");
+    if (options.unet_config_json.empty() && options.text_encoder_config_json.empty()) {
+      load_module(*te, init, "text_encoder.");
+      load_module(*unet, init, "unet.");
+      fmt::print(stderr, "[unet] starting from the weights of {}\n", options.init_from.string());
+    } else {
+      const std::vector<std::string> added_te = grow_from(*te, init, "text_encoder.");
+      const std::vector<std::string> added_unet = grow_from(*unet, init, "unet.");
+      const GrowthCheck check = check_growth(*folder_te, *te, *folder_unet, *unet, te_config, unet_config);
+      fmt::print(stderr,
+                 "[unet] grown from the weights of {}: {} new text-encoder and {} new UNet tensors (residual "
+                 "outputs zeroed); on a probe input the grown model differs from the folder's by max {:.3g} "
+                 "(text encoder) and {:.3g} (UNet)\n",
+                 options.init_from.string(), added_te.size(), added_unet.size(), check.text_encoder, check.unet);
+      growth = {{"text_encoder_new_tensors", added_te.size()},
+                {"unet_new_tensors", added_unet.size()},
+                {"probe_max_abs_text_encoder", check.text_encoder},
+                {"probe_max_abs_unet", check.unet}};
+    }
   }
   te->to(device);
   unet->to(device);
@@ -705,6 +774,7 @@ StageResult train_unet(const UnetStageOptions& options) {
     meta["ema_decay"] = options.ema_decay;
     meta["data_reuse"] = options.data_reuse;
     meta["init_from"] = init_from;
+    if (!growth.is_null()) meta["growth"] = growth;
     write_checkpoint(o.run_dir / "checkpoint.safetensors", tensors, meta);
   };
 

@@ -73,6 +73,11 @@ struct UnetStageOptions {
   /// A fresh run starts from this diffusers folder's text_encoder/ and unet/ (weights and configs; the EMA starts
   /// from the same weights) instead of random weights: how training continues from a shipped model whose trainer
   /// checkpoint is gone (its AdamW moments start at zero). Empty: random initialisation. Ignored by a resume.
+  /// With unet_config_json / text_encoder_config_json set as well, those configs must *grow* the folder's (e.g.
+  /// transformer_layers_per_block 1 -> 2): every folder tensor loads into the same-named one, the new layers keep
+  /// their random init except the last projection of each residual branch, which is zeroed, so training starts
+  /// from the folder's function with extra capacity (net2net-style). A config in which some folder tensor has no
+  /// same-shaped home is refused, naming it.
   std::filesystem::path init_from;
   std::string text_encoder_config_json;  ///< empty: toy::text_encoder_config_json()
 };
