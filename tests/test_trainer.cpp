@@ -312,7 +312,14 @@ TEST(trainer_unet, init_from_starts_from_an_exported_folder) {
   json wider = sa_test::read_json(folder / "unet" / "config.json");
   wider["block_out_channels"] = {16, 48};
   other.unet_config_json = wider.dump();
-  EXPECT_THROW(train::train_unet(other), stylealigned::Error);
+  try {
+    train::train_unet(other);
+    ADD_FAILURE() << "a config that does not grow the folder's model was accepted";
+  } catch (const stylealigned::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("does not grow"), std::string::npos) << what;
+    EXPECT_NE(what.find("unet.down_blocks.1.resnets.0.conv1.weight"), std::string::npos) << what;  // names a tensor at fault
+  }
 
   // A grown config (a second transformer layer per attention): the folder's tensors load by name, the new layers
   // start as identities, so the grown model computes what the folder's does (probe deviation 0, the same first
