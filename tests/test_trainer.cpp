@@ -330,11 +330,9 @@ TEST(trainer_unet, init_from_starts_from_an_exported_folder) {
   deeper["transformer_layers_per_block"] = 2;
   grown.unet_config_json = deeper.dump();
   const train::StageResult grown_result = train::train_unet(grown);
-  const train::StageResult plain_result = train::train_unet([&] {
-    auto plain = init;
-    plain.common.run_dir = fresh_dir("init_plain");
-    return plain;
-  }());
+  auto plain = init;
+  plain.common.run_dir = fresh_dir("init_plain");
+  const train::StageResult plain_result = train::train_unet(plain);
   const auto ckpt = train::read_checkpoint(train::checkpoint_path(grown.common.run_dir));
   const json growth = ckpt.meta.at("growth");
   std::printf("grown: %s; first loss %.9g (plain init-from %.9g)\n", growth.dump().c_str(),

@@ -50,58 +50,73 @@ NamedTensors named_state(const torch::nn::Module& module, const std::string& pre
   return out;
 }
 
-void load_module(torch::nn::Module& module, const CheckpointData& checkpoint, const std::string& prefix) {
-  std::vector<std::string> problems;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  auto visit = [&](const std::string& name, const at::Tensor& target) {
-    auto it = checkpoint.tensors.find(prefix + name);
-    if (it == checkpoint.tensors.end()) {
-      problems.push_back(fmt::format("missing '{}{}'", prefix, name));
-    } else if (it->second.sizes() != target.sizes()) {
-      problems.push_back(fmt::format("'{}{}' is [{}], the model wants [{}]", prefix, name,
-                                     fmt::join(it->second.sizes(), ", "), fmt::join(target.sizes(), ", ")));
-    } else {
-      copies.emplace_back(target, it->second);
-    }
-  };
-  for (const auto& p : module.named_parameters()) visit(p.key(), p.value());
-  for (const auto& p : module.named_buffers()) visit(p.key(), p.value());
-  if (!problems.empty()) {
-    throw Error(fmt::format("{}: cannot load the model: {}", checkpoint.path.string(), fmt::join(problems, "; ")));
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, source] : copies) target.detach().copy_(source);
-}
+namespace {
 
-std::vector<std::string> load_module_grown(torch::nn::Module& module, const CheckpointData& checkpoint,
-                                           const std::string& prefix) {
+// How a module's parameters and buffers pair with the checkpoint's tensors under `prefix`: the one matching both
+// loaders share; they differ only in which leftovers are errors.
+struct Match {
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  ///< (module tensor, checkpoint tensor)
+  std::vector<std::string> mis_shaped;                    ///< formatted problems
+  NamedTensors missing;                                   ///< module tensors the checkpoint lacks, names without prefix
+  std::vector<std::string> homeless;                      ///< checkpoint names under prefix the module lacks
+};
+
+Match match_tensors(const torch::nn::Module& module, const CheckpointData& checkpoint, const std::string& prefix,
+                    const char* model_noun) {
+  Match m;
   std::map<std::string, at::Tensor> targets;
   for (const auto& p : module.named_parameters()) targets.emplace(p.key(), p.value());
   for (const auto& p : module.named_buffers()) targets.emplace(p.key(), p.value());
-  std::vector<std::string> problems;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  for (const auto& [name, source] : checkpoint.tensors) {
-    if (name.compare(0, prefix.size(), prefix) != 0) continue;
-    auto it = targets.find(name.substr(prefix.size()));
-    if (it == targets.end()) {
-      problems.push_back(fmt::format("'{}' has no place in the grown model", name));
-    } else if (it->second.sizes() != source.sizes()) {
-      problems.push_back(fmt::format("'{}' is [{}], the grown model wants [{}]", name, fmt::join(source.sizes(), ", "),
-                                     fmt::join(it->second.sizes(), ", ")));
+  for (const auto& [name, target] : targets) {
+    auto it = checkpoint.tensors.find(prefix + name);
+    if (it == checkpoint.tensors.end()) {
+      m.missing.emplace_back(name, target);
+    } else if (it->second.sizes() != target.sizes()) {
+      m.mis_shaped.push_back(fmt::format("'{}{}' is [{}], the {} wants [{}]", prefix, name,
+                                         fmt::join(it->second.sizes(), ", "), model_noun,
+                                         fmt::join(target.sizes(), ", ")));
     } else {
-      copies.emplace_back(it->second, source);
-      targets.erase(it);
+      m.copies.emplace_back(target, it->second);
     }
   }
+  for (const auto& [name, source] : checkpoint.tensors) {
+    if (name.compare(0, prefix.size(), prefix) == 0 && !targets.count(name.substr(prefix.size()))) {
+      m.homeless.push_back(name);
+    }
+  }
+  return m;
+}
+
+void copy_all(const Match& m) {
+  at::NoGradGuard no_grad;
+  for (const auto& [target, source] : m.copies) target.detach().copy_(source);
+}
+
+}  // namespace
+
+void load_module(torch::nn::Module& module, const CheckpointData& checkpoint, const std::string& prefix) {
+  const Match m = match_tensors(module, checkpoint, prefix, "model");
+  std::vector<std::string> problems;
+  for (const auto& [name, t] : m.missing) problems.push_back(fmt::format("missing '{}{}'", prefix, name));
+  problems.insert(problems.end(), m.mis_shaped.begin(), m.mis_shaped.end());
+  if (!problems.empty()) {
+    throw Error(fmt::format("{}: cannot load the model: {}", checkpoint.path.string(), fmt::join(problems, "; ")));
+  }
+  copy_all(m);
+}
+
+NamedTensors load_module_grown(torch::nn::Module& module, const CheckpointData& checkpoint,
+                               const std::string& prefix) {
+  const Match m = match_tensors(module, checkpoint, prefix, "grown model");
+  std::vector<std::string> problems;
+  for (const auto& name : m.homeless) problems.push_back(fmt::format("'{}' has no place in the grown model", name));
+  problems.insert(problems.end(), m.mis_shaped.begin(), m.mis_shaped.end());
   if (!problems.empty()) {
     throw Error(fmt::format("{}: the config does not grow this model: {}", checkpoint.path.string(),
                             fmt::join(problems, "; ")));
   }
-  at::NoGradGuard no_grad;
-  for (auto& [target, source] : copies) target.detach().copy_(source);
-  std::vector<std::string> added;
-  for (const auto& [name, t] : targets) added.push_back(name);
-  return added;
+  copy_all(m);
+  return m.missing;
 }
 
 }  // namespace stylealigned::train

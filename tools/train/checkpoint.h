@@ -9,7 +9,6 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
-#include <vector>
 
 #include "optim.h"
 
@@ -38,9 +37,8 @@ NamedTensors named_state(const torch::nn::Module& module, const std::string& pre
 void load_module(torch::nn::Module& module, const CheckpointData& checkpoint, const std::string& prefix);
 /// For a module built from a grown config (more layers than the checkpoint's): every checkpoint tensor under
 /// `prefix` must find a same-named, same-shaped parameter or buffer, which it is copied into; the module's tensors
-/// the checkpoint lacks keep their values and their names (without prefix) are returned. Throws
+/// the checkpoint lacks keep their values and are returned (names without prefix; handles that alias them). Throws
 /// stylealigned::Error listing every checkpoint tensor without a home or with another shape, before copying.
-std::vector<std::string> load_module_grown(torch::nn::Module& module, const CheckpointData& checkpoint,
-                                           const std::string& prefix);
+NamedTensors load_module_grown(torch::nn::Module& module, const CheckpointData& checkpoint, const std::string& prefix);
 
 }  // namespace stylealigned::train

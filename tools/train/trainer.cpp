@@ -15,7 +15,6 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
-#include <map>
 #include <future>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -542,16 +541,13 @@ bool is_residual_output(const std::string& name) {
   return false;
 }
 
-std::vector<std::string> grow_from(torch::nn::Module& module, const CheckpointData& init, const std::string& prefix) {
-  const std::vector<std::string> added = load_module_grown(module, init, prefix);
-  std::map<std::string, at::Tensor> params;
-  for (const auto& p : module.named_parameters()) params.emplace(p.key(), p.value());
+size_t grow_from(torch::nn::Module& module, const CheckpointData& init, const std::string& prefix) {
+  const NamedTensors added = load_module_grown(module, init, prefix);
   at::NoGradGuard no_grad;
-  for (const auto& name : added) {
-    auto it = params.find(name);
-    if (it != params.end() && is_residual_output(name)) it->second.detach().zero_();
+  for (const auto& [name, t] : added) {
+    if (is_residual_output(name)) t.detach().zero_();
   }
-  return added;
+  return added.size();
 }
 
 struct GrowthCheck {
@@ -688,16 +684,16 @@ StageResult train_unet(const UnetStageOptions& options) {
       load_module(*unet, init, "unet.");
       fmt::print(stderr, "[unet] starting from the weights of {}\n", options.init_from.string());
     } else {
-      const std::vector<std::string> added_te = grow_from(*te, init, "text_encoder.");
-      const std::vector<std::string> added_unet = grow_from(*unet, init, "unet.");
+      const size_t added_te = grow_from(*te, init, "text_encoder.");
+      const size_t added_unet = grow_from(*unet, init, "unet.");
       const GrowthCheck check = check_growth(*folder_te, *te, *folder_unet, *unet, te_config, unet_config);
       fmt::print(stderr,
                  "[unet] grown from the weights of {}: {} new text-encoder and {} new UNet tensors (residual "
                  "outputs zeroed); on a probe input the grown model differs from the folder's by max {:.3g} "
                  "(text encoder) and {:.3g} (UNet)\n",
-                 options.init_from.string(), added_te.size(), added_unet.size(), check.text_encoder, check.unet);
-      growth = {{"text_encoder_new_tensors", added_te.size()},
-                {"unet_new_tensors", added_unet.size()},
+                 options.init_from.string(), added_te, added_unet, check.text_encoder, check.unet);
+      growth = {{"text_encoder_new_tensors", added_te},
+                {"unet_new_tensors", added_unet},
                 {"probe_max_abs_text_encoder", check.text_encoder},
                 {"probe_max_abs_unet", check.unet}};
     }
