@@ -17,15 +17,6 @@ namespace {
 // The bar for the text encoders; a case's suggested_atol wins when tighter.
 constexpr double kMaxAtol = 1e-4;
 
-std::vector<nlohmann::json> text_encoder_cases() {
-  const auto manifest = sa_test::read_json(sa_test::fixture("manifest.json"));
-  std::vector<nlohmann::json> cases;
-  for (const auto& c : manifest.at("cases")) {
-    if (c.at("kind") == "text_encoder") cases.push_back(c);
-  }
-  return cases;
-}
-
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }
@@ -44,17 +35,16 @@ models::CLIPTextConfig tiny_config() {
 }  // namespace
 
 TEST(clip_text, matches_transformers_on_every_golden_case) {
-  const auto cases = text_encoder_cases();
+  const auto cases = sa_test::golden_cases("text_encoder");
   ASSERT_EQ(cases.size(), 3u);
   at::NoGradGuard no_grad;
   for (const auto& c : cases) {
     const std::string id = c.at("id");
     SCOPED_TRACE(id);
-    const auto data = io::SafetensorsFile::open(sa_test::fixture(c.at("file")));
     const std::string folder = fmt::format("models/{}/{}", c.at("model").get<std::string>(),
                                            c.at("inputs").at("component").get<std::string>());
     auto model = models::CLIPTextModel::from_pretrained(sa_test::fixture(folder));
-    const at::Tensor ids = data.tensor(c.at("inputs").at("input_ids").at("key").get<std::string>());
+    const at::Tensor ids = sa_test::golden_tensor(c, c.at("inputs").at("input_ids"));
     const auto out = model->forward(ids, {/*output_hidden_states=*/true});
     const int64_t layers = model->config().num_hidden_layers;
     ASSERT_EQ(out.hidden_states.size(), size_t(layers + 1));
@@ -69,7 +59,7 @@ TEST(clip_text, matches_transformers_on_every_golden_case) {
     EXPECT_EQ(model->config().with_projection, c.at("outputs").contains("text_embeds"));
     for (const auto& [name, ref] : c.at("outputs").items()) {
       ASSERT_TRUE(actual.count(name)) << "no output for golden key " << name;
-      const at::Tensor expected = data.tensor(ref.at("key").get<std::string>());
+      const at::Tensor expected = sa_test::golden_tensor(c, ref);
       const double atol = std::min(kMaxAtol, ref.value("suggested_atol", kMaxAtol));
       const double err = sa_test::max_abs_diff(actual[name], expected);
       std::printf("  %-40s %-28s max abs err %.3g (atol %.3g)\n", id.c_str(), name.c_str(), err, atol);

@@ -14,7 +14,6 @@
 
 #include "stylealigned/ddim.h"
 #include "stylealigned/error.h"
-#include "stylealigned/io/safetensors.h"
 #include "stylealigned/log.h"
 #include "support/test_support.h"
 
@@ -84,33 +83,8 @@ struct ParityTally {
 
 class GoldenScheduler : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() { manifest_ = new json(sa_test::read_json(sa_test::fixture("manifest.json"))); }
-  static void TearDownTestSuite() {
-    delete manifest_;
-    manifest_ = nullptr;
-  }
-
-  static std::vector<json> cases_of(const std::string& kind) {
-    std::vector<json> out;
-    for (const auto& c : manifest_->at("cases")) {
-      if (c.at("kind") == kind) out.push_back(c);
-    }
-    return out;
-  }
-
-  const sa::io::SafetensorsFile& file_of(const json& c) {
-    const auto rel = c.at("file").get<std::string>();
-    auto it = files_.find(rel);
-    if (it == files_.end()) it = files_.emplace(rel, sa::io::SafetensorsFile::open(sa_test::fixture(rel))).first;
-    return it->second;
-  }
-
-  at::Tensor input(const json& c, const std::string& name) {
-    return file_of(c).tensor(c.at("inputs").at(name).at("key").get<std::string>());
-  }
-  at::Tensor output(const json& c, const std::string& name) {
-    return file_of(c).tensor(c.at("outputs").at(name).at("key").get<std::string>());
-  }
+  at::Tensor input(const json& c, const std::string& name) { return sa_test::golden_tensor(c, c.at("inputs").at(name)); }
+  at::Tensor output(const json& c, const std::string& name) { return sa_test::golden_tensor(c, c.at("outputs").at(name)); }
 
   // The case's config through our parser; the golden configs hold only DDIM keys and `_` metadata, so no warning.
   static sa::SchedulerConfig config_of(const json& c) {
@@ -149,16 +123,13 @@ class GoldenScheduler : public ::testing::Test {
     }
   }
 
-  static json* manifest_;
-  std::map<std::string, sa::io::SafetensorsFile> files_;
   std::set<std::string> checked_outputs_;
 };
-json* GoldenScheduler::manifest_ = nullptr;
 
 TEST_F(GoldenScheduler, tables_are_bit_exact) {
   ParityTally tally;
   double max_rel = 0.0;
-  for (const auto& c : cases_of("scheduler_tables")) {
+  for (const auto& c : sa_test::golden_cases("scheduler_tables")) {
     sa::NoiseSchedule schedule(config_of(c));
     std::set<std::string> checked;
     for (const auto& [name, table] : {std::pair<std::string, at::Tensor>{"betas", schedule.betas()},
@@ -186,7 +157,7 @@ TEST_F(GoldenScheduler, tables_are_bit_exact) {
 TEST_F(GoldenScheduler, ddim_steps_match_diffusers) {
   ParityTally tally;
   const std::regex eta_output(R"(step(\d+)_eta(\d+)p(\d+)_prev_sample)");
-  for (const auto& c : cases_of("scheduler_ddim")) {
+  for (const auto& c : sa_test::golden_cases("scheduler_ddim")) {
     const auto& options = c.at("options");
     ASSERT_EQ(options.at("class_name"), "DDIMScheduler");
     sa::DDIMScheduler scheduler(config_of(c));
@@ -231,7 +202,7 @@ TEST_F(GoldenScheduler, ddim_steps_match_diffusers) {
 
 TEST_F(GoldenScheduler, ddim_inverse_steps_match_diffusers) {
   ParityTally tally;
-  for (const auto& c : cases_of("scheduler_ddim_inverse")) {
+  for (const auto& c : sa_test::golden_cases("scheduler_ddim_inverse")) {
     const auto& options = c.at("options");
     ASSERT_EQ(options.at("class_name"), "DDIMInverseScheduler");
     sa::DDIMInverseScheduler scheduler(config_of(c));
@@ -261,7 +232,7 @@ TEST_F(GoldenScheduler, ddim_inverse_steps_match_diffusers) {
 
 TEST_F(GoldenScheduler, style_aligned_next_step_matches_inversion_py) {
   ParityTally tally;
-  for (const auto& c : cases_of("style_aligned_next_step")) {
+  for (const auto& c : sa_test::golden_cases("style_aligned_next_step")) {
     const auto& options = c.at("options");
     sa::DDIMScheduler scheduler(config_of(c));
     scheduler.set_timesteps(options.at("num_inference_steps").get<int64_t>());
@@ -320,6 +291,16 @@ constexpr const char* kSd15PndmConfig = R"({
   "trained_betas": null,
   "clip_sample": false
 })";
+
+// The golden loops of every parity test run over sa_test::golden_cases: a kind the manifest lacks must fail them.
+TEST_F(GoldenScheduler, a_missing_case_kind_fails_instead_of_passing_empty) {
+  try {
+    sa_test::golden_cases("scheduler_no_such_kind");
+    ADD_FAILURE() << "no exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("'scheduler_no_such_kind'"), std::string::npos) << e.what();
+  }
+}
 
 TEST(ddim_config, sdxl_euler_config_loads_as_ddim_with_one_warning) {
   WarningCapture warnings;

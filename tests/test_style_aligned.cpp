@@ -87,13 +87,9 @@ Qkv random_qkv(int64_t b, int64_t h, int64_t n, int64_t d, uint64_t seed) {
 // ---- Golden: tensor ops and switch vectors --------------------------------------------------------------------------
 
 TEST(style_aligned_golden, tensor_ops) {
-  auto manifest = sa_test::read_json(sa_test::fixture("manifest.json"));
-  int cases = 0;
-  for (const auto& c : manifest["cases"]) {
-    if (c["kind"] != "style_aligned_ops") continue;
-    ++cases;
-    auto file = io::SafetensorsFile::open(sa_test::fixture(c["file"].get<std::string>()));
-    auto feat = file.tensor(c["inputs"]["feat"]["key"].get<std::string>());
+  const auto cases = sa_test::golden_cases("style_aligned_ops");
+  for (const auto& c : cases) {
+    auto feat = sa_test::golden_tensor(c, c["inputs"]["feat"]);
     ASSERT_EQ(feat.size(0) % 2, 0);
     const double eps = c["options"]["eps"].get<double>();
     const auto layout = BatchLayout::cfg(feat.size(0) / 2);  // upstream: references feat[0] and feat[b // 2]
@@ -109,7 +105,7 @@ TEST(style_aligned_golden, tensor_ops) {
     };
     for (const auto& [name, ref] : c["outputs"].items()) {
       ASSERT_TRUE(ours.count(name)) << "golden output '" << name << "' has no counterpart in the test";
-      auto expected = file.tensor(ref["key"].get<std::string>());
+      auto expected = sa_test::golden_tensor(c, ref);
       const double atol = ref["suggested_atol"].get<double>();
       EXPECT_ALLCLOSE(ours.at(name), expected, atol) << name;
       std::cout << "  style_aligned_ops " << name << ": max abs diff " << sa_test::max_abs_diff(ours.at(name), expected)
@@ -117,7 +113,7 @@ TEST(style_aligned_golden, tensor_ops) {
     }
     EXPECT_EQ(c["outputs"].size(), ours.size());
   }
-  EXPECT_EQ(cases, 1);
+  EXPECT_EQ(cases.size(), 1u);
 }
 
 TEST(style_aligned_golden, switch_vectors) {
@@ -199,7 +195,7 @@ TEST(style_aligned_golden, attention_layer_cases) {
     std::map<std::string, at::Tensor> ours = {{"output", layer_output(run(shared, q, k, v, layout, attn_scale))},
                                               {"default_output", layer_output(run(plain, q, k, v, layout, attn_scale))}};
     for (const auto& [name, ref] : c["outputs"].items()) {
-      auto expected = file.tensor(ref["key"].get<std::string>());
+      auto expected = sa_test::golden_tensor(c, ref);
       const double atol = ref["suggested_atol"].get<double>();
       EXPECT_ALLCLOSE(ours.at(name), expected, atol) << id << " " << name;
       const double diff = sa_test::max_abs_diff(ours.at(name), expected);

@@ -28,6 +28,7 @@
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using sa_test::golden_tensor;
 using stylealigned::BatchLayout;
 using stylealigned::Error;
 using stylealigned::models::UNet2DConditionModel;
@@ -35,19 +36,6 @@ using stylealigned::models::UNetConfig;
 using stylealigned::models::UNetForwardOptions;
 
 namespace {
-
-const json& manifest() {
-  static const json m = sa_test::read_json(sa_test::fixture("manifest.json"));
-  return m;
-}
-
-std::vector<json> cases_of_kind(const std::string& kind) {
-  std::vector<json> out;
-  for (const auto& c : manifest().at("cases")) {
-    if (c.at("kind") == kind) out.push_back(c);
-  }
-  return out;
-}
 
 fs::path unet_folder(const std::string& model) { return sa_test::fixture("models/" + model + "/unet"); }
 
@@ -61,15 +49,6 @@ UNet2DConditionModel& golden_unet(const std::string& model) {
     it = models.emplace(model, unet).first;
   }
   return it->second;
-}
-
-at::Tensor golden_tensor(const json& c, const json& ref) {
-  static std::map<std::string, stylealigned::io::SafetensorsFile> files;
-  const std::string file = c.at("file");
-  auto it = files.find(file);
-  if (it == files.end())
-    it = files.emplace(file, stylealigned::io::SafetensorsFile::open(sa_test::fixture(file))).first;
-  return it->second.tensor(ref.at("key").get<std::string>());
 }
 
 double tolerance(const json& out) { return std::min(1e-4, out.value("suggested_atol", 1e-4)); }
@@ -212,7 +191,7 @@ TEST(unet, processor_layers_follow_diffusers_attn_processors_order) {
   for (const std::string model : {"sd15_tiny", "sdxl_tiny"}) {
     auto unet = UNet2DConditionModel::from_config(UNetConfig::from_file(unet_folder(model) / "config.json"));
     std::vector<std::string> expected;
-    for (const auto& key : manifest().at("models").at(model).at("unet_attention_processors_in_order")) {
+    for (const auto& key : sa_test::golden_manifest().at("models").at(model).at("unet_attention_processors_in_order")) {
       std::string name = key.get<std::string>();
       expected.push_back(name.substr(0, name.size() - std::string(".processor").size()));
     }
@@ -365,8 +344,8 @@ TEST(unet, every_attention_layer_calls_its_processor_with_head_split_tensors) {
   auto& unet = golden_unet("sd15_tiny");
   auto recorder = std::make_shared<RecordingProcessor>();
   unet->processors().set_all(recorder);
-  auto c = cases_of_kind("unet").front();
-  for (const auto& cc : cases_of_kind("unet")) {
+  auto c = sa_test::golden_cases("unet").front();
+  for (const auto& cc : sa_test::golden_cases("unet")) {
     if (cc.at("model") == "sd15_tiny") c = cc;
   }
   const at::Tensor with_recorder = run_case(unet, c);
@@ -395,7 +374,7 @@ TEST(unet, every_attention_layer_calls_its_processor_with_head_split_tensors) {
 
 TEST(unet, every_group_norm_goes_through_the_norm_hook) {
   auto& unet = golden_unet("sdxl_tiny");
-  auto c = cases_of_kind("unet").front();
+  auto c = sa_test::golden_cases("unet").front();
   ASSERT_EQ(c.at("model"), "sdxl_tiny");
   const at::Tensor plain = run_case(unet, c);
   auto counter = std::make_shared<CountingNorm>();
@@ -430,7 +409,7 @@ TEST(unet, timestep_forms_are_equivalent) {
 
 TEST(unet, bad_inputs_are_named) {
   auto& xl = golden_unet("sdxl_tiny");
-  const auto c = cases_of_kind("unet").front();
+  const auto c = sa_test::golden_cases("unet").front();
   ASSERT_EQ(c.at("model"), "sdxl_tiny");
   const auto& in = c.at("inputs");
   at::Tensor sample = golden_tensor(c, in.at("sample"));
@@ -462,7 +441,7 @@ TEST(unet, gradients_flow_to_every_parameter) {
 // ---- Parity with diffusers ----------------------------------------------------------------------------------------
 
 TEST(unet_parity, plain_forward_matches_diffusers) {
-  const auto cases = cases_of_kind("unet");
+  const auto cases = sa_test::golden_cases("unet");
   ASSERT_EQ(cases.size(), 8u);
   for (const auto& [mode, layout_name] : kConvLayouts) {
     ScopedConvPacking packing(mode);
@@ -481,7 +460,7 @@ TEST(unet_parity, plain_forward_matches_diffusers) {
 }
 
 TEST(unet_parity, style_aligned_forward_matches_the_official_handler) {
-  const auto cases = cases_of_kind("unet_style_aligned");
+  const auto cases = sa_test::golden_cases("unet_style_aligned");
   ASSERT_EQ(cases.size(), 4u);
   for (const auto& [mode, layout_name] : kConvLayouts) {
   ScopedConvPacking packing(mode);

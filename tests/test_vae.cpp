@@ -18,24 +18,12 @@
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using sa_test::golden_tensor;
 using stylealigned::Error;
 using stylealigned::models::AutoencoderKL;
 using stylealigned::models::VAEConfig;
 
 namespace {
-
-const json& manifest() {
-  static const json m = sa_test::read_json(sa_test::fixture("manifest.json"));
-  return m;
-}
-
-std::vector<json> cases_of_kind(const std::string& kind) {
-  std::vector<json> out;
-  for (const auto& c : manifest().at("cases")) {
-    if (c.at("kind") == kind) out.push_back(c);
-  }
-  return out;
-}
 
 fs::path vae_folder(const std::string& model) { return sa_test::fixture("models/" + model + "/vae"); }
 
@@ -48,15 +36,6 @@ AutoencoderKL& golden_vae(const std::string& model) {
     it = models.emplace(model, vae).first;
   }
   return it->second;
-}
-
-at::Tensor golden_tensor(const json& c, const json& ref) {
-  static std::map<std::string, stylealigned::io::SafetensorsFile> files;
-  const std::string file = c.at("file");
-  auto it = files.find(file);
-  if (it == files.end())
-    it = files.emplace(file, stylealigned::io::SafetensorsFile::open(sa_test::fixture(file))).first;
-  return it->second.tensor(ref.at("key").get<std::string>());
 }
 
 double tolerance(const json& out) { return std::min(1e-4, out.value("suggested_atol", 1e-4)); }
@@ -214,7 +193,7 @@ TEST(vae, gradients_flow_through_encode_and_decode) {
 }
 
 TEST(vae_parity, encode_matches_diffusers) {
-  const auto cases = cases_of_kind("vae_encode");
+  const auto cases = sa_test::golden_cases("vae_encode");
   ASSERT_EQ(cases.size(), 2u);
   for (const auto& c : cases) {
     auto& vae = golden_vae(c.at("model"));
@@ -229,7 +208,7 @@ TEST(vae_parity, encode_matches_diffusers) {
 }
 
 TEST(vae_parity, decode_matches_diffusers) {
-  const auto cases = cases_of_kind("vae_decode");
+  const auto cases = sa_test::golden_cases("vae_decode");
   ASSERT_EQ(cases.size(), 2u);
   for (const auto& c : cases) {
     auto& vae = golden_vae(c.at("model"));

@@ -1,8 +1,11 @@
 #include "support/test_support.h"
 
+#include "stylealigned/io/safetensors.h"
+
 #include <fmt/format.h>
 
 #include <fstream>
+#include <map>
 #include <set>
 
 #include <sys/wait.h>
@@ -35,6 +38,28 @@ nlohmann::json read_json(const std::filesystem::path& path) {
   std::ifstream in(path);
   if (!in) throw std::runtime_error("cannot open " + path.string());
   return nlohmann::json::parse(in);
+}
+
+const nlohmann::json& golden_manifest() {
+  static const nlohmann::json m = read_json(fixture("manifest.json"));
+  return m;
+}
+
+std::vector<nlohmann::json> golden_cases(const std::string& kind) {
+  std::vector<nlohmann::json> out;
+  for (const auto& c : golden_manifest().at("cases")) {
+    if (c.at("kind") == kind) out.push_back(c);
+  }
+  if (out.empty()) throw std::runtime_error(fmt::format("golden manifest.json has no case of kind '{}'", kind));
+  return out;
+}
+
+at::Tensor golden_tensor(const nlohmann::json& c, const nlohmann::json& ref) {
+  static std::map<std::string, stylealigned::io::SafetensorsFile> files;
+  const std::string file = c.at("file");
+  auto it = files.find(file);
+  if (it == files.end()) it = files.emplace(file, stylealigned::io::SafetensorsFile::open(fixture(file))).first;
+  return it->second.tensor(ref.at("key").get<std::string>());
 }
 
 std::filesystem::path tokenizer_folder(const std::string& relative) {

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 namespace sa_test {
 
@@ -34,6 +35,15 @@ std::filesystem::path model_folder(const std::string& model);
 /// The same for any golden folder below the golden root, e.g. "eval/models/clip_tiny" (a CLIP folder with its
 /// tokenizer files).
 std::filesystem::path assembled_folder(const std::string& relative);
+
+/// The golden manifest (`fixture("manifest.json")`), read once per test binary.
+const nlohmann::json& golden_manifest();
+/// The manifest's cases of one `kind`, in manifest order. Throws std::runtime_error naming the kind when there are
+/// none, so a renamed or missing kind fails its tests instead of letting a loop over nothing pass.
+std::vector<nlohmann::json> golden_cases(const std::string& kind);
+/// The tensor a case refers to: `ref` is one entry of its "inputs" or "outputs" (`{"key": ...}`), read from the case's
+/// safetensors "file"; each file is opened (mapped) once per test binary.
+at::Tensor golden_tensor(const nlohmann::json& c, const nlohmann::json& ref);
 
 /// `s` as one single-quoted shell word.
 std::string shell_quote(const std::string& s);
