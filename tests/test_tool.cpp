@@ -22,8 +22,7 @@ sa_test::CommandResult run_tool(const std::string& args) {
 std::string quote(const std::string& s) { return sa_test::shell_quote(s); }
 
 const json& golden_case(const std::string& id) {
-  static const json m = sa_test::read_json(sa_test::fixture("manifest.json"));
-  for (const auto& c : m["cases"]) {
+  for (const auto& c : sa_test::golden_manifest()["cases"]) {
     if (c["id"] == id) return c;
   }
   throw std::runtime_error("no golden case " + id);
@@ -163,6 +162,38 @@ TEST(tool, bad_input_exit_codes_and_messages) {
                " --reference-caption x --prompt y --quiet --steps 2 --out " + quote((dir / "d").string()));
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find("empty.png"), std::string::npos) << r.output;
+}
+
+// The embedded toy model knows only its world's words: generate warns once per prompt, naming each unknown word, and
+// still generates. Its VAE factor is 4, so 68 px is a valid width there and 66 a usage error naming the factor.
+TEST(tool, toy_model_warns_about_unknown_words_and_takes_its_vae_factor) {
+  const fs::path toy = fs::weakly_canonical(sa_test::data_dir() / ".." / ".." / "models" / "toy");
+  const fs::path dir = sa_test::scratch_dir("tool_toy");
+  fs::remove_all(dir);
+  const std::string base = "generate --model " + quote(toy.string()) + " --quiet --steps 2 --no-style-align ";
+  auto r = run_tool(base + "--prompt 'a zebra star' --prompt 'a Heart, striped zebra quokka zebra' --out " +
+                    quote((dir / "a").string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("prompt 0 ('a zebra star'): the toy model was trained only on its world's captions and has "
+                          "never seen 'zebra': it will draw something arbitrary for it"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("has never seen 'zebra', 'quokka': it will draw something arbitrary for them"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("The words it knows: a background candy"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(dir / "a" / "01.png"));
+
+  r = run_tool(base + "--prompt 'a heart in pastel striped style, outlined' --width 68 --out " +
+               quote((dir / "b").string()));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(r.output.find("warning"), std::string::npos) << r.output;
+  EXPECT_EQ(stylealigned::image::read_rgb(dir / "b" / "00-reference.png").size(1), 68);
+
+  r = run_tool(base + "--prompt 'a heart' --width 66 --out " + quote((dir / "c").string()));
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("--width must be a multiple of 4"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "c" / "00-reference.png"));
 }
 
 TEST(tool, info_lists_layers) {

@@ -335,6 +335,13 @@ TEST(toy_world, parse_caption_is_tolerant) {
   EXPECT_EQ(p.pattern, toy::Pattern::checker);
   p = toy::parse_caption("a toy train");
   EXPECT_TRUE(p.mentioned().empty());
+  EXPECT_EQ(p.unknown_words, (std::vector<std::string>{"toy", "train"}));
+  // Lowercased, once each, in order; the world's own words (any case) are known.
+  p = toy::parse_caption("A Zebra STAR, striped; zebra quokka on a Textured background");
+  EXPECT_EQ(p.unknown_words, (std::vector<std::string>{"zebra", "quokka"}));
+  EXPECT_EQ(p.object, toy::Object::star);
+  EXPECT_TRUE(toy::parse_caption("a heart in pastel striped style, outlined, on a plain background")
+                  .unknown_words.empty());
 }
 
 TEST(toy_world, random_captions_mix_none_partial_and_full) {

@@ -16,6 +16,7 @@
 #include "stylealigned/error.h"
 #include "stylealigned/eval/metrics.h"
 #include "stylealigned/image.h"
+#include "stylealigned/toy/model.h"
 #include "stylealigned/toy/scoring.h"
 #include "tool/commands.h"
 #include "tool/output.h"
@@ -79,12 +80,8 @@ std::vector<std::string> prompts_from_settings(const Json& s, const fs::path& fi
 }
 
 bool model_is_toy(const Json& s) {
-  if (!s.contains("model") || !s["model"].is_string()) return false;
-  const fs::path index = fs::path(s["model"].get<std::string>()) / "model_index.json";
-  std::ifstream in(index);
-  if (!in) return false;
-  const Json j = Json::parse(in, nullptr, /*allow_exceptions=*/false);
-  return j.is_object() && j.contains("_stylealigned_toy_world");
+  return s.contains("model") && s["model"].is_string() &&
+         stylealigned::toy::is_toy_model_folder(s["model"].get<std::string>());
 }
 
 SetInput read_set(const std::string& folder) {

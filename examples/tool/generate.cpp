@@ -14,7 +14,10 @@
 #include "stylealigned/image.h"
 #include "stylealigned/io/safetensors.h"
 #include "stylealigned/pipeline.h"
+#include "stylealigned/log.h"
 #include "stylealigned/runtime.h"
+#include "stylealigned/toy/model.h"
+#include "stylealigned/toy/world.h"
 #include "tool/commands.h"
 #include "tool/output.h"
 
@@ -156,9 +159,10 @@ int run_generate(GenerateOptions o, bool transfer) {
     throw UsageError(fmt::format("--guidance must be a non-negative number (got {})", *o.guidance));
   }
   for (auto* v : {&o.width, &o.height}) {
-    if (*v && (**v <= 0 || **v % 8 != 0)) {
-      throw UsageError(fmt::format("--{} must be a positive multiple of 8 (got {})", v == &o.width ? "width" : "height",
-                                   **v));
+    // Positive here; the multiple of the model's VAE factor (8 for SD1.5 and SDXL, 4 for the toy model) is checked
+    // once the model is loaded.
+    if (*v && **v <= 0) {
+      throw UsageError(fmt::format("--{} must be positive (got {})", v == &o.width ? "width" : "height", **v));
     }
   }
   if (o.device == "cuda" && !at::hasCUDA()) throw Error("--device cuda: this libtorch build has no CUDA support");
@@ -192,8 +196,28 @@ int run_generate(GenerateOptions o, bool transfer) {
     lo.dtype = at::kFloat;
     lo.vae_dtype = at::kFloat;
   }
+  if (stylealigned::toy::is_toy_model_folder(o.model)) {
+    for (size_t i = 0; i < full_prompts.size(); ++i) {
+      const auto unknown = stylealigned::toy::parse_caption(full_prompts[i]).unknown_words;
+      if (unknown.empty()) continue;
+      std::vector<std::string> words;
+      for (auto& w : stylealigned::toy::vocabulary()) {
+        if (w != ",") words.push_back(w);
+      }
+      stylealigned::warn(fmt::format(
+          "prompt {} ('{}'): the toy model was trained only on its world's captions and has never seen '{}': it "
+          "will draw something arbitrary for {}. The words it knows: {}",
+          i, full_prompts[i], fmt::join(unknown, "', '"), unknown.size() == 1 ? "it" : "them", fmt::join(words, " ")));
+    }
+  }
   if (!o.quiet) fmt::print(stderr, "loading {} ...\n", o.model);
   auto pipe = stylealigned::Pipeline::load(o.model, lo);
+  for (auto* v : {&o.width, &o.height}) {
+    if (*v && **v % pipe.vae_scale_factor() != 0) {
+      throw UsageError(fmt::format("--{} must be a multiple of {} (the VAE factor of {}; got {})",
+                                   v == &o.width ? "width" : "height", pipe.vae_scale_factor(), o.model, **v));
+    }
+  }
   if (!transfer && req.style_aligned) {
     // The model's defaults, then every field the command line gave (from the options CLI11 filled).
     stylealigned::StyleAlignedOptions sa = pipe.style_aligned_defaults();

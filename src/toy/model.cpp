@@ -15,6 +15,7 @@
 
 #include <cerrno>
 #include <cmath>
+#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <system_error>
@@ -301,13 +302,15 @@ std::string scheduler_config_json() {
 // Version of the toy world the model was made for (bump when world.h changes what an image shows).
 constexpr int kToyWorldVersion = 1;
 
+constexpr const char* kToyWorldKey = "_stylealigned_toy_world";
+
 std::string model_index_json() {
   const json none = {nullptr, nullptr};
   const json j = {{"_class_name", "StableDiffusionPipeline"},
                   {"_diffusers_version", kDiffusersVersion},
                   // Marks the embedded toy model, so `stylealigned eval` scores its sets with the world's evaluators.
                   // A leading underscore: diffusers ignores such keys when it loads the folder.
-                  {"_stylealigned_toy_world", kToyWorldVersion},
+                  {kToyWorldKey, kToyWorldVersion},
                   // The StyleAligned options `generate`, `demo` and `study` start from for this model
                   // (Pipeline::style_aligned_defaults): the SDXL demo's plus AdaIN on values, which the model card's
                   // option sweep measured best for it (consistency gain +0.34 against +0.20, same object loss).
@@ -468,6 +471,13 @@ void export_model_folder(const fs::path& dir, models::CLIPTextModel text_encoder
     remove_created();
     throw;
   }
+}
+
+bool is_toy_model_folder(const fs::path& dir) {
+  std::ifstream in(dir / "model_index.json");
+  if (!in) return false;
+  const json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() && j.contains(kToyWorldKey);
 }
 
 }  // namespace stylealigned::toy

@@ -685,6 +685,14 @@ ParsedCaption parse_caption(std::string_view text) {
   if (!cur.empty()) words.push_back(cur);
 
   ParsedCaption p;
+  static const std::set<std::string> known = [] {
+    const auto v = vocabulary();
+    return std::set<std::string>(v.begin(), v.end());
+  }();
+  for (const auto& w : words) {
+    if (!known.count(w) && std::find(p.unknown_words.begin(), p.unknown_words.end(), w) == p.unknown_words.end())
+      p.unknown_words.push_back(w);
+  }
   for (size_t i = 0; i < words.size(); ++i) {
     const std::string& w = words[i];
     if (auto v = find_name(kObjectNames, w)) {

@@ -114,4 +114,10 @@ void export_model_folder(const std::filesystem::path& dir, models::CLIPTextModel
                          at::ScalarType file_dtype = at::kHalf, double vae_scaling_factor = 1.0,
                          bool overwrite = false);
 
+/// True when `dir`/model_index.json carries the toy world's marker (export_model_folder writes it): a model of this
+/// world, whose sets `stylealigned eval` scores with the world's evaluators and whose prompts the tool checks for
+/// words outside the world (ParsedCaption::unknown_words). False for a missing or unreadable file and for real
+/// SD1.5 / SDXL folders.
+bool is_toy_model_folder(const std::filesystem::path& dir);
+
 }  // namespace stylealigned::toy

@@ -217,6 +217,10 @@ struct ParsedCaption {
   std::optional<Outline> outline;
   /// The attributes the prompt names (object included when found).
   AttributeSet mentioned() const;
+  /// Words of the prompt (lowercased, once each, in order) that no caption of the world contains. The embedded model
+  /// was trained on none of them: "a zebra" reaches its text encoder as byte-level pieces it has never seen, so it
+  /// draws something arbitrary. Tools warn with these.
+  std::vector<std::string> unknown_words;
 };
 ParsedCaption parse_caption(std::string_view text);
 
