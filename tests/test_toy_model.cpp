@@ -549,6 +549,36 @@ TEST(shipped_toy_model, study_reference_is_unchanged_and_targets_are_aligned) {
   EXPECT_EQ(r[1].reports[0].targets_judged, 3);
 }
 
+// Sets batched per arm (StudyOptions::sets_per_batch, Pipeline::generate_batch) give the images of sets generated
+// one at a time, up to float rounding, and the same scores; the progress callback still sees every (arm, set).
+TEST(shipped_toy_model, study_batches_sets_without_changing_them) {
+  auto pipe = stylealigned::Pipeline::load(shipped_model());
+  const auto sets = toy::study_sets(3, 4, 2);
+  const auto arms = toy::standard_arms(pipe.style_aligned_defaults());
+  toy::StudyOptions so;
+  so.steps = 6;
+  so.keep_images = true;
+  so.sets_per_batch = 1;
+  const auto alone = toy::run_study(pipe, sets, {arms[0], arms[1]}, so);
+  so.sets_per_batch = 2;  // a batch of 2, then 1
+  std::set<std::pair<size_t, size_t>> seen;
+  so.on_set = [&](size_t arm, size_t set) { return seen.emplace(arm, set).second; };
+  const auto batched = toy::run_study(pipe, sets, {arms[0], arms[1]}, so);
+  EXPECT_EQ(seen.size(), 6u);
+  for (size_t a = 0; a < 2; ++a) {
+    ASSERT_EQ(batched[a].images.size(), 3u);
+    for (size_t s = 0; s < 3; ++s) {
+      SCOPED_TRACE(batched[a].name + " set " + std::to_string(s));
+      const int diff = (batched[a].images[s].to(at::kInt) - alone[a].images[s].to(at::kInt)).abs().max().item<int>();
+      EXPECT_LE(diff, 2);
+    }
+    EXPECT_EQ(batched[a].consistency(), alone[a].consistency());
+    EXPECT_EQ(batched[a].target_object_accuracy(), alone[a].target_object_accuracy());
+  }
+  so.sets_per_batch = 0;
+  EXPECT_THROW(toy::run_study(pipe, sets, {arms[0]}, so), stylealigned::Error);
+}
+
 TEST(toy_study, sets_name_object_and_pattern_only_and_differ) {
   const auto sets = toy::study_sets(50, 4, 0);
   ASSERT_EQ(sets.size(), 50u);

@@ -30,6 +30,7 @@ struct StudyOptions {
   int64_t steps = 25;
   uint64_t seed = 0;
   std::optional<double> guidance;  // unset: the pipeline's default
+  int64_t sets_per_batch = 4;      // toy::StudyOptions::sets_per_batch
   std::string arms = "vanilla,style_aligned,no_adain,full_attention_share,shared_group_norm";  // study only
   std::string out = "out/demo";  // demo only
   std::string json_out;          // study only

@@ -42,6 +42,11 @@ void add_study_options(CLI::App& cmd, StudyOptions& o, bool demo) {
   cmd.add_option("--seed", o.seed, "Seed of the prompts and initial latents of the sets")->capture_default_str();
   cmd.add_option("--guidance", o.guidance, "Classifier-free guidance scale (default: the pipeline's, 7.5 for SD1.x)")
       ->check(CLI::Range(0.0, 100.0));
+  cmd.add_option("--sets-per-batch", o.sets_per_batch,
+                 "Sets generated together per arm, in one UNet batch (1: one at a time, as before 2026-12-07; scores "
+                 "agree up to float rounding)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
   if (demo) {
     cmd.add_option("--out", o.out, "Output folder (vanilla.png, style_aligned.png, side_by_side.png, summary.json)")
         ->capture_default_str();
@@ -121,13 +126,15 @@ std::vector<toy::ArmResult> run(const StudyOptions& o, stylealigned::Pipeline& p
   so.steps = o.steps;
   so.guidance_scale = o.guidance;
   so.keep_images = keep_images;
+  so.sets_per_batch = o.sets_per_batch;
   const auto t0 = std::chrono::steady_clock::now();
   const size_t total = sets.size() * arms.size();
   // On a terminal one line redrawn after every set; in a log a line every 10% of the work.
   const bool tty = ::isatty(2) != 0;
-  so.on_set = [&, tty](size_t arm, size_t set) {
+  size_t done = 0;
+  so.on_set = [&, tty](size_t, size_t) {
+    ++done;
     if (o.quiet) return true;
-    const size_t done = set * arms.size() + arm + 1;
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const size_t tenth = std::max<size_t>(1, total / 10);
     if (done == total || (tty ? done % arms.size() == 0 : done % tenth == 0)) {
@@ -245,6 +252,7 @@ int run_showcase(const StudyOptions& o) {
   summary["model"] = model.string();
   summary["sets"] = o.sets;
   summary["steps"] = o.steps;
+  summary["sets_per_batch"] = o.sets_per_batch;
   summary["seed"] = o.seed;
   summary["style_aligned_options"] = arms[1].style->to_string();
   summary["arms"] = Json::array();
@@ -280,6 +288,7 @@ int run_study(const StudyOptions& o) {
     j["sets"] = o.sets;
     j["images_per_set"] = 4;
     j["steps"] = o.steps;
+    j["sets_per_batch"] = o.sets_per_batch;
     j["seed"] = o.seed;
     if (o.guidance) j["guidance"] = *o.guidance;
     j["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -142,6 +142,16 @@ class Pipeline {
   /// (naming the field) and stylealigned::Cancelled when the callback cancels.
   GenerationResult generate(const GenerationRequest& request);
 
+  /// Generates several sets in one denoising loop: every UNet forward carries the rows of all sets, each set its own
+  /// style groups (its own references), so a small model keeps the cores busy (the toy model's UNet, 4 sets at 2
+  /// threads: 1.3x the throughput of 4 separate batches; `stylealigned demo` 14.1 -> 11.3 s). Each result equals generate() of its request up to float rounding (the batch changes
+  /// how matrix products are blocked); one request gives generate()'s bytes. The requests may differ in prompts,
+  /// seed, latents, negative prompt, guidance, eta, reference image and callbacks; they must agree on width, height,
+  /// steps, scheduler and StyleAligned options (all unset or all the same), else stylealigned::Error names the
+  /// request and the field. Every request's on_step runs after each step; any returning false cancels the batch.
+  /// `seconds` of each result is the batch's wall time.
+  std::vector<GenerationResult> generate_batch(const std::vector<GenerationRequest>& requests);
+
   /// The official DDIM inversion (STYLEALIGNED_SPEC 3.3): encode `rgb` (posterior mean, fp32), invert with the
   /// caption's conditioning and `guidance`, and return the reversed trajectory [steps + 1, C, h, w] (index 0 is the
   /// noisiest, the last is the encoded image).
@@ -160,6 +170,8 @@ class Pipeline {
 
  private:
   explicit Pipeline(std::unique_ptr<Impl> impl);
+  // generate and generate_batch: the requests by pointer, so a request's callback runs as the caller's object.
+  std::vector<GenerationResult> generate_sets(const std::vector<const GenerationRequest*>& requests);
   std::unique_ptr<Impl> impl_;
 };
 

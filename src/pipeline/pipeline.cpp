@@ -325,123 +325,218 @@ at::Tensor rescale_noise_cfg(const at::Tensor& cfg, const at::Tensor& text, doub
 
 }  // namespace
 
+namespace {
+
+// One set of a batch while the shared denoising loop runs.
+struct SetRun {
+  const GenerationRequest* request = nullptr;
+  std::vector<std::string> prompts;  // with the reference caption first in transfer mode
+  int64_t n = 0;
+  double guidance = 0;
+  bool cfg = false;
+  at::Generator gen;
+  at::Tensor latents;
+  at::Tensor trajectory;  // transfer mode
+  int64_t offset = 0;
+  TextConditioning cond;
+  DDIMStepOptions step_options;
+  int64_t first_row = 0;  // of this set in the batch
+  GenerationResult result;
+
+  int64_t rows() const { return cfg ? 2 * n : n; }
+};
+
+std::string request_name(size_t i, size_t count) {
+  return count == 1 ? std::string("request") : fmt::format("requests[{}]", i);
+}
+
+}  // namespace
+
 GenerationResult Pipeline::generate(const GenerationRequest& request) {
+  return std::move(generate_sets({&request}).front());
+}
+
+std::vector<GenerationResult> Pipeline::generate_batch(const std::vector<GenerationRequest>& requests) {
+  std::vector<const GenerationRequest*> pointers;
+  for (const auto& r : requests) pointers.push_back(&r);
+  return generate_sets(pointers);
+}
+
+std::vector<GenerationResult> Pipeline::generate_sets(const std::vector<const GenerationRequest*>& requests) {
   torch::NoGradGuard no_grad;
   auto& d = *impl_;
   const auto t_start = std::chrono::steady_clock::now();
+  if (requests.empty()) throw Error("generate_batch: no requests");
+  const size_t count = requests.size();
 
-  // ---- validate the request
-  std::vector<std::string> prompts = request.prompts;
-  if (request.reference) {
-    if (prompts.empty()) prompts.push_back(request.reference->caption);
-    else prompts.insert(prompts.begin(), request.reference->caption);
-  }
-  if (prompts.empty()) throw Error("request: at least one prompt is needed");
-  const int64_t n = static_cast<int64_t>(prompts.size());
-  if (request.steps < 1) throw Error(fmt::format("request: steps must be positive (got {})", request.steps));
-  const double guidance = request.guidance_scale.value_or(default_guidance());
-  if (!std::isfinite(guidance) || guidance < 0) {
-    throw Error(fmt::format("request: guidance must be a non-negative number (got {})", guidance));
-  }
-  if (!std::isfinite(request.guidance_rescale) || request.guidance_rescale < 0 || request.guidance_rescale > 1) {
-    throw Error(fmt::format("request: guidance rescale must be in [0, 1] (got {})", request.guidance_rescale));
-  }
-  if (!std::isfinite(request.eta) || request.eta < 0) {
-    throw Error(fmt::format("request: eta must be a non-negative number (got {})", request.eta));
-  }
-  if (request.style_aligned) request.style_aligned->validate();
+  // ---- what the sets share: size, schedule and attention processors
   const int64_t f = vae_scale_factor();
-  const int64_t width = request.width.value_or(default_width());
-  const int64_t height = request.height.value_or(default_height());
+  const GenerationRequest& first = *requests.front();
+  const int64_t width = first.width.value_or(default_width());
+  const int64_t height = first.height.value_or(default_height());
+  const SchedulerConfig scheduler_config = first.scheduler.value_or(d.scheduler_config);
+  for (size_t k = 1; k < count; ++k) {
+    const auto& r = *requests[k];
+    const auto mismatch = [&](const char* field) {
+      return Error(fmt::format("requests[{}]: {} differs from requests[0]'s; the sets of one batch share it (generate "
+                               "them in separate batches)",
+                               k, field));
+    };
+    if (r.width.value_or(default_width()) != width || r.height.value_or(default_height()) != height)
+      throw mismatch("width x height");
+    if (r.steps != first.steps) throw mismatch("steps");
+    if (r.scheduler.value_or(d.scheduler_config).to_json() != scheduler_config.to_json()) throw mismatch("scheduler");
+    if (r.style_aligned.has_value() != first.style_aligned.has_value() ||
+        (r.style_aligned && r.style_aligned->to_string() != first.style_aligned->to_string()))
+      throw mismatch("style_aligned");
+  }
+  if (first.steps < 1) throw Error(fmt::format("request: steps must be positive (got {})", first.steps));
+  if (first.style_aligned) first.style_aligned->validate();
   if (width < f || height < f || width % f != 0 || height % f != 0) {
     throw Error(fmt::format("request: width and height must be positive multiples of {} (got {}x{})", f, width,
                             height));
   }
   const int64_t c = latent_channels(), h = height / f, w = width / f;
+  DDIMScheduler sched(scheduler_config);
+  sched.set_timesteps(first.steps);
 
-  // ---- initial latents, from the seed exactly as diffusers draws them, or given
-  auto gen = at::detail::createCPUGenerator(request.seed);
-  at::Tensor latents;
-  if (request.latents.defined()) {
-    const auto& l = request.latents;
-    if (l.dim() != 4 || l.size(0) != n || l.size(1) != c || l.size(2) != h || l.size(3) != w) {
-      throw Error(fmt::format("latents: expected shape [{}, {}, {}, {}] for {} prompts at {}x{}, got [{}]", n, c, h,
-                              w, n, width, height, fmt::join(l.sizes(), ", ")));
+  // ---- each set: validate, draw its latents, invert its reference, encode its prompts
+  std::vector<SetRun> sets(count);
+  int64_t rows = 0;
+  for (size_t k = 0; k < count; ++k) {
+    const GenerationRequest& request = *requests[k];
+    const std::string name = request_name(k, count);
+    SetRun& run = sets[k];
+    run.request = &request;
+    run.prompts = request.prompts;
+    if (request.reference) run.prompts.insert(run.prompts.begin(), request.reference->caption);
+    if (run.prompts.empty()) throw Error(fmt::format("{}: at least one prompt is needed", name));
+    const int64_t n = run.n = static_cast<int64_t>(run.prompts.size());
+    run.guidance = request.guidance_scale.value_or(default_guidance());
+    if (!std::isfinite(run.guidance) || run.guidance < 0) {
+      throw Error(fmt::format("{}: guidance must be a non-negative number (got {})", name, run.guidance));
     }
-    if (!at::isFloatingType(l.scalar_type())) {
-      throw Error(fmt::format("latents: expected a floating-point tensor, got {}", c10::toString(l.scalar_type())));
+    if (!std::isfinite(request.guidance_rescale) || request.guidance_rescale < 0 || request.guidance_rescale > 1) {
+      throw Error(fmt::format("{}: guidance rescale must be in [0, 1] (got {})", name, request.guidance_rescale));
     }
-    latents = l.to(at::kFloat).to(d.options.device).clone();
-    if (!at::isfinite(latents).all().item<bool>()) throw Error("latents: contain NaN or infinite values");
-  } else {
-    latents = at::randn({n, c, h, w}, gen, at::TensorOptions().dtype(at::kFloat)).to(d.options.device);
+    if (!std::isfinite(request.eta) || request.eta < 0) {
+      throw Error(fmt::format("{}: eta must be a non-negative number (got {})", name, request.eta));
+    }
+
+    // initial latents, from the seed exactly as diffusers draws them, or given
+    run.gen = at::detail::createCPUGenerator(request.seed);
+    const std::string latents_name = count == 1 ? std::string("latents") : name + " latents";
+    if (request.latents.defined()) {
+      const auto& l = request.latents;
+      if (l.dim() != 4 || l.size(0) != n || l.size(1) != c || l.size(2) != h || l.size(3) != w) {
+        throw Error(fmt::format("{}: expected shape [{}, {}, {}, {}] for {} prompts at {}x{}, got [{}]", latents_name,
+                                n, c, h, w, n, width, height, fmt::join(l.sizes(), ", ")));
+      }
+      if (!at::isFloatingType(l.scalar_type())) {
+        throw Error(fmt::format("{}: expected a floating-point tensor, got {}", latents_name,
+                                c10::toString(l.scalar_type())));
+      }
+      run.latents = l.to(at::kFloat).to(d.options.device).clone();
+      if (!at::isfinite(run.latents).all().item<bool>()) throw Error(latents_name + ": contain NaN or infinite values");
+    } else {
+      run.latents = at::randn({n, c, h, w}, run.gen, at::TensorOptions().dtype(at::kFloat)).to(d.options.device);
+    }
+    run.result.timesteps = sched.timestep_list();
+
+    // reference image: invert it, and start its row from the trajectory
+    if (request.reference) {
+      const auto& ref = *request.reference;
+      if (ref.rgb.size(0) != height || ref.rgb.size(1) != width) {
+        throw Error(fmt::format("{}reference image: is {}x{} but the generation size is {}x{} (resize it first)",
+                                count == 1 ? "" : name + " ", ref.rgb.size(1), ref.rgb.size(0), width, height));
+      }
+      run.offset = ref.offset;
+      if (run.offset < 0 || run.offset >= request.steps) {
+        throw Error(fmt::format("reference image: inversion offset must be in [0, {}) (got {})", request.steps,
+                                run.offset));
+      }
+      run.trajectory = invert(ref.rgb, ref.caption, request.steps, ref.inversion_guidance, request.scheduler);
+      run.latents[0].copy_(run.trajectory[run.offset]);
+      run.result.inversion_trajectory = run.trajectory;
+    }
+    run.result.initial_latents = run.latents.clone();
+
+    // conditioning: [uncond n ; cond n] with CFG, [cond n] without
+    run.cfg = run.guidance > 1.0;
+    run.cond = d.encode(run.prompts, request.negative_prompt, run.cfg);
+    run.step_options.eta = request.eta;
+    if (request.eta > 0) run.step_options.generator = run.gen;  // diffusers continues the latents' generator
+    run.first_row = rows;
+    rows += run.rows();
   }
 
-  GenerationResult result;
-  DDIMScheduler sched(request.scheduler.value_or(d.scheduler_config));
-  sched.set_timesteps(request.steps);
-  result.timesteps = sched.timestep_list();
-
-  // ---- reference image: invert it, and start its row from the trajectory
-  at::Tensor trajectory;
-  int64_t offset = 0;
-  if (request.reference) {
-    const auto& ref = *request.reference;
-    if (ref.rgb.size(0) != height || ref.rgb.size(1) != width) {
-      throw Error(fmt::format("reference image: is {}x{} but the generation size is {}x{} (resize it first)",
-                              ref.rgb.size(1), ref.rgb.size(0), width, height));
+  // ---- the batch: the sets' rows one after another, each set its own style groups
+  std::vector<CfgGroup> groups;
+  std::vector<at::Tensor> embeds, pooled;
+  for (const auto& run : sets) {
+    const int64_t r = run.first_row;
+    if (run.cfg) {
+      groups.push_back({r, r + run.n, r});
+      groups.push_back({r + run.n, r + 2 * run.n, r + run.n});
+    } else {
+      groups.push_back({r, r + run.n, r});
     }
-    offset = ref.offset;
-    if (offset < 0 || offset >= request.steps) {
-      throw Error(fmt::format("reference image: inversion offset must be in [0, {}) (got {})", request.steps, offset));
-    }
-    trajectory = invert(ref.rgb, ref.caption, request.steps, ref.inversion_guidance, request.scheduler);
-    latents[0].copy_(trajectory[offset]);
-    result.inversion_trajectory = trajectory;
+    embeds.push_back(run.cond.embeds);
+    if (run.cond.pooled.defined()) pooled.push_back(run.cond.pooled);
   }
-  result.initial_latents = latents.clone();
-
-  // ---- conditioning: [uncond n ; cond n] with CFG, [cond n] without
-  const bool cfg = guidance > 1.0;
-  const TextConditioning cond = d.encode(prompts, request.negative_prompt, cfg);
-  const int64_t rows = cfg ? 2 * n : n;
+  const BatchLayout layout(std::move(groups));
+  TextConditioning cond = sets.size() == 1 ? sets[0].cond : TextConditioning{at::cat(embeds), at::Tensor()};
+  if (sets.size() > 1 && !pooled.empty()) cond.pooled = at::cat(pooled);
+  for (auto& run : sets) run.cond = {};  // the batch's copy is the one kept
   auto tids = d.family == ModelFamily::sdxl ? d.time_ids(rows, height, width) : at::Tensor();
-  const BatchLayout layout = cfg ? BatchLayout::cfg(n) : BatchLayout::single_group(n);
 
-  StyleAlignedScope scope(*d.unet, request.style_aligned);
-  DDIMStepOptions step_options;
-  step_options.eta = request.eta;
-  if (request.eta > 0) step_options.generator = gen;  // diffusers continues the latents' generator
-
+  StyleAlignedScope scope(*d.unet, first.style_aligned);
   const auto& ts = sched.timestep_list();
+  std::vector<at::Tensor> inputs;
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t t = ts[i];
-    auto input = cfg ? at::cat({latents, latents}) : latents;
-    auto eps = d.unet_forward(input, t, cond, tids, layout);
-    if (cfg) {
-      auto parts = eps.chunk(2);
-      eps = parts[0] + guidance * (parts[1] - parts[0]);
-      if (request.guidance_rescale > 0) eps = rescale_noise_cfg(eps, parts[1], request.guidance_rescale);
+    inputs.clear();
+    for (const auto& run : sets) {
+      inputs.push_back(run.latents);
+      if (run.cfg) inputs.push_back(run.latents);
     }
-    latents = sched.step(eps, t, latents, step_options).prev_sample;
-    if (trajectory.defined()) {
-      // The official transfer callback: the reference row follows the inverted trajectory.
-      const int64_t idx = std::max<int64_t>(offset + 1, static_cast<int64_t>(i) + 1);
-      latents[0].copy_(trajectory[std::min<int64_t>(idx, trajectory.size(0) - 1)]);
+    auto eps_all = d.unet_forward(inputs.size() == 1 ? inputs[0] : at::cat(inputs), t, cond, tids, layout);
+    bool cancel = false;
+    for (auto& run : sets) {
+      const GenerationRequest& request = *run.request;
+      auto eps = eps_all.narrow(0, run.first_row, run.rows());
+      if (run.cfg) {
+        auto parts = eps.chunk(2);
+        eps = parts[0] + run.guidance * (parts[1] - parts[0]);
+        if (request.guidance_rescale > 0) eps = rescale_noise_cfg(eps, parts[1], request.guidance_rescale);
+      }
+      run.latents = sched.step(eps, t, run.latents, run.step_options).prev_sample;
+      if (run.trajectory.defined()) {
+        // The official transfer callback: the reference row follows the inverted trajectory.
+        const int64_t idx = std::max<int64_t>(run.offset + 1, static_cast<int64_t>(i) + 1);
+        run.latents[0].copy_(run.trajectory[std::min<int64_t>(idx, run.trajectory.size(0) - 1)]);
+      }
+      if (request.record_steps) run.result.step_latents.push_back(run.latents.clone());
+      if (request.on_step) {
+        StepInfo info{static_cast<int64_t>(i), static_cast<int64_t>(ts.size()), t,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), &run.latents};
+        if (!request.on_step(info)) cancel = true;
+      }
     }
-    if (request.record_steps) result.step_latents.push_back(latents.clone());
-    if (request.on_step) {
-      StepInfo info{static_cast<int64_t>(i), static_cast<int64_t>(ts.size()), t,
-                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), &latents};
-      if (!request.on_step(info)) throw Cancelled();
-    }
+    if (cancel) throw Cancelled();
   }
-  result.latents = latents;
-  result.decoded = d.vae_decode(latents);
-  result.images = (result.decoded / 2 + 0.5).clamp(0, 1);
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  return result;
+  std::vector<GenerationResult> out;
+  out.reserve(count);
+  for (auto& run : sets) {
+    run.result.latents = run.latents;
+    run.result.decoded = d.vae_decode(run.latents);
+    run.result.images = (run.result.decoded / 2 + 0.5).clamp(0, 1);
+    out.push_back(std::move(run.result));
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  for (auto& r : out) r.seconds = seconds;
+  return out;
 }
 
 }  // namespace stylealigned

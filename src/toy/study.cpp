@@ -93,24 +93,39 @@ std::vector<ArmResult> run_study(Pipeline& pipeline, const std::vector<StudySet>
   if (sets.empty() || arms.empty()) throw Error("run_study: needs at least one set and one arm");
   std::vector<ArmResult> results(arms.size());
   for (size_t a = 0; a < arms.size(); ++a) results[a].name = arms[a].name;
+  if (options.sets_per_batch < 1) {
+    throw Error(fmt::format("run_study: sets_per_batch must be positive (got {})", options.sets_per_batch));
+  }
+  const size_t chunk = static_cast<size_t>(options.sets_per_batch);
   // Sets outer, arms inner: a cancelled or partial study still compares the arms on the same sets.
-  for (size_t s = 0; s < sets.size(); ++s) {
+  for (size_t first = 0; first < sets.size(); first += chunk) {
+    const size_t last = std::min(sets.size(), first + chunk);
     for (size_t a = 0; a < arms.size(); ++a) {
-      GenerationRequest request;
-      request.prompts = sets[s].prompts;
-      request.steps = options.steps;
-      request.seed = sets[s].seed;
-      request.guidance_scale = options.guidance_scale;
-      request.style_aligned = arms[a].style;
-      const GenerationResult out = pipeline.generate(request);
-      const at::Tensor rgb =
-          out.images.mul(255.0).round_().clamp_(0, 255).to(at::kByte).permute({0, 2, 3, 1}).contiguous();
-      std::vector<at::Tensor> images;
-      for (int64_t i = 0; i < rgb.size(0); ++i) images.push_back(rgb[i]);
-      results[a].reports.push_back(
-          score_set(fmt::format("{}/set-{}", arms[a].name, s), images, sets[s].prompts));
-      if (options.keep_images) results[a].images.push_back(rgb);
-      if (options.on_set && !options.on_set(a, s)) throw Cancelled();
+      std::vector<GenerationRequest> requests(last - first);
+      for (size_t s = first; s < last; ++s) {
+        GenerationRequest& request = requests[s - first];
+        request.prompts = sets[s].prompts;
+        request.steps = options.steps;
+        request.seed = sets[s].seed;
+        request.guidance_scale = options.guidance_scale;
+        request.style_aligned = arms[a].style;
+      }
+      const std::vector<GenerationResult> outs = pipeline.generate_batch(requests);
+      for (size_t s = first; s < last; ++s) {
+        const at::Tensor rgb = outs[s - first]
+                                   .images.mul(255.0)
+                                   .round_()
+                                   .clamp_(0, 255)
+                                   .to(at::kByte)
+                                   .permute({0, 2, 3, 1})
+                                   .contiguous();
+        std::vector<at::Tensor> images;
+        for (int64_t i = 0; i < rgb.size(0); ++i) images.push_back(rgb[i]);
+        results[a].reports.push_back(
+            score_set(fmt::format("{}/set-{}", arms[a].name, s), images, sets[s].prompts));
+        if (options.keep_images) results[a].images.push_back(rgb);
+        if (options.on_set && !options.on_set(a, s)) throw Cancelled();
+      }
     }
   }
   return results;
