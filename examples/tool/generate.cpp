@@ -197,13 +197,13 @@ int run_generate(GenerateOptions o, bool transfer) {
     lo.vae_dtype = at::kFloat;
   }
   if (stylealigned::toy::is_toy_model_folder(o.model)) {
+    std::vector<std::string> words;
+    for (auto& w : stylealigned::toy::vocabulary()) {
+      if (w != ",") words.push_back(w);
+    }
     for (size_t i = 0; i < full_prompts.size(); ++i) {
       const auto unknown = stylealigned::toy::parse_caption(full_prompts[i]).unknown_words;
       if (unknown.empty()) continue;
-      std::vector<std::string> words;
-      for (auto& w : stylealigned::toy::vocabulary()) {
-        if (w != ",") words.push_back(w);
-      }
       stylealigned::warn(fmt::format(
           "prompt {} ('{}'): the toy model was trained only on its world's captions and has never seen '{}': it "
           "will draw something arbitrary for {}. The words it knows: {}",

@@ -97,7 +97,7 @@ std::vector<ArmResult> run_study(Pipeline& pipeline, const std::vector<StudySet>
     throw Error(fmt::format("run_study: sets_per_batch must be positive (got {})", options.sets_per_batch));
   }
   const size_t chunk = static_cast<size_t>(options.sets_per_batch);
-  // Sets outer, arms inner: a cancelled or partial study still compares the arms on the same sets.
+  // Chunks of sets outer, arms inner: a cancelled or partial study still compares the arms on (nearly) the same sets.
   for (size_t first = 0; first < sets.size(); first += chunk) {
     const size_t last = std::min(sets.size(), first + chunk);
     for (size_t a = 0; a < arms.size(); ++a) {
