@@ -17,11 +17,6 @@ using nlohmann::json;
 
 namespace {
 
-const json& manifest() {
-  static const json m = sa_test::read_json(sa_test::fixture("manifest.json"));
-  return m;
-}
-
 stylealigned::Pipeline& pipeline_for(const std::string& model) {
   static std::map<std::string, std::unique_ptr<stylealigned::Pipeline>> cache;
   auto& slot = cache[model];
@@ -85,7 +80,7 @@ void check_generation(const Golden& g, const stylealigned::GenerationResult& r) 
 
 TEST(pipeline, golden_generation_cases) {
   int checked = 0;
-  for (const auto& c : manifest()["cases"]) {
+  for (const auto& c : sa_test::golden_manifest()["cases"]) {
     if (c["kind"] != "pipeline") continue;
     SCOPED_TRACE(c["id"].get<std::string>());
     Golden g{stylealigned::io::SafetensorsFile::open(sa_test::fixture(c["file"].get<std::string>())), c};
@@ -111,7 +106,7 @@ TEST(pipeline, golden_generation_cases) {
 
 TEST(pipeline, golden_inversion_transfer) {
   int checked = 0;
-  for (const auto& c : manifest()["cases"]) {
+  for (const auto& c : sa_test::golden_manifest()["cases"]) {
     if (c["kind"] != "inversion") continue;
     Golden g{stylealigned::io::SafetensorsFile::open(sa_test::fixture(c["file"].get<std::string>())), c};
     const auto& o = c["options"];
@@ -142,6 +137,18 @@ TEST(pipeline, golden_inversion_transfer) {
     EXPECT_ALLCLOSE(r.initial_latents, g.out("latents_initial"), g.atol("latents_initial", 5e-3));
     check_generation(g, r);
     ++checked;
+
+    // Two transfer sets in one batch (generate_batch): each keeps its own inverted reference row.
+    stylealigned::GenerationRequest other = req;
+    other.reference->rgb = rgb.flip({1}).contiguous();
+    other.latents = req.latents.flip({0}).contiguous();
+    other.record_steps = false;
+    const auto both = pipe.generate_batch({req, other});
+    const auto alone = pipe.generate(other);
+    EXPECT_ALLCLOSE(both[0].latents, r.latents, 1e-4);
+    EXPECT_ALLCLOSE(both[1].latents, alone.latents, 1e-4);
+    EXPECT_TRUE(both[1].inversion_trajectory.equal(alone.inversion_trajectory));
+    EXPECT_GT(sa_test::max_abs_diff(both[1].latents, both[0].latents), 0.1);  // the sets really differ
   }
   EXPECT_EQ(checked, 1);
 }
