@@ -144,8 +144,9 @@ class Pipeline {
 
   /// Generates several sets in one denoising loop: every UNet forward carries the rows of all sets, each set its own
   /// style groups (its own references), so a small model keeps the cores busy (the toy model's UNet, 4 sets at 2
-  /// threads: 1.3x the throughput of 4 separate batches; `stylealigned demo` 14.1 -> 11.3 s). Each result equals generate() of its request up to float rounding (the batch changes
-  /// how matrix products are blocked); one request gives generate()'s bytes. The requests may differ in prompts,
+  /// threads: 1.3x the throughput of 4 separate batches; `stylealigned demo` 14.1 -> 11.3 s). Each result equals
+  /// generate() of its request up to float rounding (the batch changes how matrix products are blocked); one request
+  /// gives generate()'s bytes. The requests may differ in prompts,
   /// seed, latents, negative prompt, guidance, eta, reference image and callbacks; they must agree on width, height,
   /// steps, scheduler and StyleAligned options (all unset or all the same), else stylealigned::Error names the
   /// request and the field. Every request's on_step runs after each step; any returning false cancels the batch.

@@ -425,7 +425,9 @@ std::vector<GenerationResult> Pipeline::generate_sets(const std::vector<const Ge
 
     // initial latents, from the seed exactly as diffusers draws them, or given
     run.gen = at::detail::createCPUGenerator(request.seed);
-    const std::string latents_name = count == 1 ? std::string("latents") : name + " latents";
+    // Tensors of a request are named by their field, prefixed by the request in a batch ("requests[1] latents").
+    const std::string of = count == 1 ? std::string() : name + " ";
+    const std::string latents_name = of + "latents";
     if (request.latents.defined()) {
       const auto& l = request.latents;
       if (l.dim() != 4 || l.size(0) != n || l.size(1) != c || l.size(2) != h || l.size(3) != w) {
@@ -447,12 +449,12 @@ std::vector<GenerationResult> Pipeline::generate_sets(const std::vector<const Ge
     if (request.reference) {
       const auto& ref = *request.reference;
       if (ref.rgb.size(0) != height || ref.rgb.size(1) != width) {
-        throw Error(fmt::format("{}reference image: is {}x{} but the generation size is {}x{} (resize it first)",
-                                count == 1 ? "" : name + " ", ref.rgb.size(1), ref.rgb.size(0), width, height));
+        throw Error(fmt::format("{}reference image: is {}x{} but the generation size is {}x{} (resize it first)", of,
+                                ref.rgb.size(1), ref.rgb.size(0), width, height));
       }
       run.offset = ref.offset;
       if (run.offset < 0 || run.offset >= request.steps) {
-        throw Error(fmt::format("reference image: inversion offset must be in [0, {}) (got {})", request.steps,
+        throw Error(fmt::format("{}reference image: inversion offset must be in [0, {}) (got {})", of, request.steps,
                                 run.offset));
       }
       run.trajectory = invert(ref.rgb, ref.caption, request.steps, ref.inversion_guidance, request.scheduler);
@@ -471,6 +473,7 @@ std::vector<GenerationResult> Pipeline::generate_sets(const std::vector<const Ge
   }
 
   // ---- the batch: the sets' rows one after another, each set its own style groups
+  const auto join = [](const std::vector<at::Tensor>& parts) { return parts.size() == 1 ? parts[0] : at::cat(parts); };
   std::vector<CfgGroup> groups;
   std::vector<at::Tensor> embeds, pooled;
   for (const auto& run : sets) {
@@ -485,8 +488,7 @@ std::vector<GenerationResult> Pipeline::generate_sets(const std::vector<const Ge
     if (run.cond.pooled.defined()) pooled.push_back(run.cond.pooled);
   }
   const BatchLayout layout(std::move(groups));
-  TextConditioning cond = sets.size() == 1 ? sets[0].cond : TextConditioning{at::cat(embeds), at::Tensor()};
-  if (sets.size() > 1 && !pooled.empty()) cond.pooled = at::cat(pooled);
+  const TextConditioning cond{join(embeds), pooled.empty() ? at::Tensor() : join(pooled)};
   for (auto& run : sets) run.cond = {};  // the batch's copy is the one kept
   auto tids = d.family == ModelFamily::sdxl ? d.time_ids(rows, height, width) : at::Tensor();
 
@@ -501,7 +503,7 @@ std::vector<GenerationResult> Pipeline::generate_sets(const std::vector<const Ge
       inputs.push_back(run.latents);
       if (run.cfg) inputs.push_back(run.latents);
     }
-    auto eps_all = d.unet_forward(inputs.size() == 1 ? inputs[0] : at::cat(inputs), t, cond, tids, layout);
+    auto eps_all = d.unet_forward(join(inputs), t, cond, tids, layout);
     bool cancel = false;
     for (auto& run : sets) {
       const GenerationRequest& request = *run.request;

@@ -62,8 +62,9 @@ struct StudyOptions {
   std::optional<double> guidance_scale;  ///< unset: the pipeline's default (7.5 for SD1.x)
   bool keep_images = false;
   /// Sets generated together per arm (Pipeline::generate_batch): 4 keeps two cores busier on the toy model (its
-  /// UNet 1.3x the throughput of one set at a time); 1 generates each set alone, as studies did before 2026-12-07. The scores agree up
-  /// to float rounding of the batched matrix products (an image near an evaluator's decision boundary may flip).
+  /// UNet 1.3x the throughput of one set at a time); 1 generates each set alone, as studies did before 2026-12-07.
+  /// The scores agree up to float rounding of the batched matrix products (an image near an evaluator's decision
+  /// boundary may flip).
   int64_t sets_per_batch = 4;
   /// Called after every generated set (arm index, set index); return false to cancel (throws Cancelled).
   std::function<bool(size_t arm, size_t set)> on_set;
