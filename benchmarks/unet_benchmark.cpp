@@ -361,8 +361,9 @@ OpClass classify(const std::string& op) {
   static const char* const conv[] = {"aten::conv2d", "aten::convolution", "aten::_convolution",
                                      "aten::mkldnn_convolution", "stylealigned::conv2d", "aten::slow_conv2d_forward",
                                      "aten::_slow_conv2d_forward", "aten::cudnn_convolution"};
-  static const char* const linear[] = {"aten::linear", "stylealigned::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm",
-                                       "aten::baddbmm"};
+  // stylealigned::geglu is the feed-forward's projection with its gelu and multiply fused in as oneDNN post-ops.
+  static const char* const linear[] = {"aten::linear", "stylealigned::linear", "stylealigned::geglu", "aten::addmm",
+                                       "aten::mm",     "aten::matmul",         "aten::bmm",           "aten::baddbmm"};
   static const char* const norm[] = {"aten::group_norm", "aten::native_group_norm", "aten::layer_norm",
                                      "aten::native_layer_norm"};
   for (const char* n : conv)

@@ -443,6 +443,35 @@ TEST(onednn, bf16_linear_and_conv_match_fp32_where_the_cpu_has_native_bf16) {
   }
 }
 
+// The feed-forward's fused projection: both halves of the stored weight in place, the gate's exact gelu as a
+// post-op, the product written multiplied. Against diffusers' formula in fp64: the input as the transformer block
+// hands it (contiguous) and as a column slice (rows further apart than K), shapes off any tile size.
+TEST(onednn, geglu_equals_value_times_gelu_of_gate) {
+  at::manual_seed(14);
+  const at::Tensor w = at::randn({2 * 328, 136}) * 0.1, bias = at::randn({2 * 328});
+  const at::Tensor wide = at::randn({2, 301, 150});
+  for (const at::Tensor& x : {at::randn({2, 301, 136}), wide.narrow(-1, 7, 136)}) {
+    const at::Tensor y = stylealigned::detail::onednn::geglu(x, w, bias);
+#if STYLEALIGNED_EXPECT_ONEDNN
+    ASSERT_TRUE(y.defined());
+#endif
+    if (!y.defined()) continue;
+    const auto parts = at::linear(x.to(at::kDouble), w.to(at::kDouble), bias.to(at::kDouble)).chunk(2, -1);
+    const at::Tensor ref = parts[0] * at::gelu(parts[1]);
+    EXPECT_EQ(y.sizes(), ref.sizes());
+    EXPECT_TRUE(y.is_contiguous());
+    // |ref| reaches ~10; fp32 products of 136 terms and oneDNN's erf (error ~1e-7) keep it within 1e-4.
+    EXPECT_LT((y.to(at::kDouble) - ref).abs().max().item<double>(), 1e-4);
+  }
+  // Not its case: an odd projection width, no bias, a mismatched K, doubles.
+  EXPECT_FALSE(stylealigned::detail::onednn::geglu(at::randn({4, 136}), at::randn({5, 136}), at::randn({5})).defined());
+  EXPECT_FALSE(stylealigned::detail::onednn::geglu(at::randn({4, 136}), w, at::Tensor()).defined());
+  EXPECT_FALSE(stylealigned::detail::onednn::geglu(at::randn({4, 135}), w, bias).defined());
+  EXPECT_FALSE(
+      stylealigned::detail::onednn::geglu(at::randn({4, 136}, at::kDouble), w.to(at::kDouble), bias.to(at::kDouble))
+          .defined());
+}
+
 namespace {
 
 TEST(attention, bf16_products_on_native_bf16_cpus_match_the_fp64_softmax_of_the_bf16_values) {

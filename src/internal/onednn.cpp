@@ -25,6 +25,7 @@ namespace stylealigned::detail::onednn {
 
 bool enabled() { return false; }
 at::Tensor linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
+at::Tensor geglu(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
 at::Tensor conv2d(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) { return {}; }
 bool bmm_out(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 struct PackedConvWeights::State {};
@@ -197,6 +198,62 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   shape.back() = n;
   at::Tensor y = at::empty(shape, x.options());
   execute(e, x.data_ptr(), w.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr());
+  return y;
+}
+
+at::Tensor geglu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const auto dt = product_dtype(x, w, bias);
+  if (!enabled() || dt == dnnl::memory::data_type::undef || !bias.defined() || under_autograd({&x, &w, &bias}) ||
+      w.dim() != 2 || !w.is_contiguous() || w.size(0) % 2 != 0 || x.size(-1) != w.size(1) || bias.dim() != 1 ||
+      bias.size(0) != w.size(0) || !bias.is_contiguous()) {
+    return {};
+  }
+  const int64_t lda = uniform_row_stride(x);
+  if (lda < 0) return {};
+  const int64_t k = w.size(1), n = w.size(0) / 2, m = x.numel() / std::max<int64_t>(k, 1);
+  if (m == 0 || k == 0 || n == 0) return {};
+  // One half's product [m, k]·[k, n] with w's rows as the columns of a column-major [k, n] (no copy), then `ops`.
+  auto make = [&](int64_t kind, const dnnl::post_ops& ops) {
+    return cache().get({kind, m, k, n, lda, static_cast<int64_t>(dt)}, [&] {
+      Entry r;
+      r.src = md(dims{m, k}, dt, dims{lda, 1});
+      r.weights = md(dims{k, n}, dt, dims{1, k});
+      r.bias = md(dims{1, n}, dt, dims{n, 1});
+      r.dst = md(dims{m, n}, dt, dims{n, 1});
+      dnnl::primitive_attr attr;
+      attr.set_post_ops(ops);
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(r.src, r.weights, r.bias, r.dst), attr, cpu_engine());
+      r.usable = fast_impl(pd);
+      if (r.usable) r.primitive = dnnl::matmul(pd);
+      return r;
+    });
+  };
+  dnnl::post_ops gelu_ops, mul_ops;
+  gelu_ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_erf, 0.0f, 0.0f);
+  mul_ops.append_binary(dnnl::algorithm::binary_mul, md(dims{m, n}, dt, dims{n, 1}));
+  const Entry gate_e = make(6, gelu_ops);
+  if (!gate_e.usable) return {};
+  const Entry value_e = make(7, mul_ops);
+  if (!value_e.usable) return {};
+  RECORD_FUNCTION("stylealigned::geglu", std::vector<c10::IValue>());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor gate = at::empty(shape, x.options());
+  at::Tensor y = at::empty(shape, x.options());
+  const size_t elem = x.element_size();
+  char* w_ptr = static_cast<char*>(w.data_ptr());
+  char* b_ptr = static_cast<char*>(bias.data_ptr());
+  execute(gate_e, x.data_ptr(), w_ptr + n * k * elem, b_ptr + n * elem, gate.data_ptr());
+  auto& engine = cpu_engine();
+  dnnl::memory src_m(value_e.src, engine, x.data_ptr()), weights_m(value_e.weights, engine, w_ptr),
+      bias_m(value_e.bias, engine, b_ptr), dst_m(value_e.dst, engine, y.data_ptr()),
+      gate_m(value_e.dst, engine, gate.data_ptr());
+  value_e.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, src_m},
+                                           {DNNL_ARG_WEIGHTS, weights_m},
+                                           {DNNL_ARG_BIAS, bias_m},
+                                           {DNNL_ARG_DST, dst_m},
+                                           {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, gate_m}});
+  cpu_stream().wait();
   return y;
 }
 

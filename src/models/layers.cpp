@@ -185,6 +185,8 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) : torch::nn::Module("GEGLU
 }
 
 at::Tensor GEGLUImpl::forward(const at::Tensor& x) {
+  at::Tensor fused = detail::onednn::geglu(x, proj->weight, proj->bias);
+  if (fused.defined()) return fused;
   const at::Tensor y = proj->forward(x);
   auto parts = y.chunk(2, -1);
   if (at::GradMode::is_enabled() && y.requires_grad()) return parts[0] * at::gelu(parts[1]);
