@@ -147,12 +147,16 @@ int64_t uniform_row_stride(const at::Tensor& x) {
   return row;
 }
 
-void execute(const Entry& e, void* src, void* weights, void* bias, void* dst) {
+// `post_op_src` is the second operand of a binary first post-op, laid out as the destination.
+void execute(const Entry& e, void* src, void* weights, void* bias, void* dst, void* post_op_src = nullptr) {
   auto& engine = cpu_engine();
   dnnl::memory src_m(e.src, engine, src), weights_m(e.weights, engine, weights), dst_m(e.dst, engine, dst);
   std::unordered_map<int, dnnl::memory> args{
       {DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, weights_m}, {DNNL_ARG_DST, dst_m}};
   if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, dnnl::memory(e.bias, engine, bias));
+  if (post_op_src != nullptr) {
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, dnnl::memory(e.dst, engine, post_op_src));
+  }
   e.primitive.execute(cpu_stream(), args);
   cpu_stream().wait();
 }
@@ -167,17 +171,34 @@ bool enabled() {
   return on;
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+namespace {
+
+// x [..., K] as one [m, K] matrix with row stride lda, times wᵀ for a contiguous w [N, K] (+ bias [N]).
+struct WeightProduct {
+  dnnl::memory::data_type dt = dnnl::memory::data_type::undef;  // undef: not oneDNN's case
+  int64_t m = 0, k = 0, lda = 0;
+};
+
+WeightProduct weight_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   const auto dt = product_dtype(x, w, bias);
-  if (!enabled() || dt == dnnl::memory::data_type::undef ||
-      under_autograd({&x, &w, &bias}) || w.dim() != 2 || !w.is_contiguous() || x.size(-1) != w.size(1) ||
+  if (!enabled() || dt == dnnl::memory::data_type::undef || under_autograd({&x, &w, &bias}) || w.dim() != 2 ||
+      !w.is_contiguous() || x.size(-1) != w.size(1) ||
       (bias.defined() && (bias.dim() != 1 || bias.size(0) != w.size(0) || !bias.is_contiguous()))) {
     return {};
   }
   const int64_t lda = uniform_row_stride(x);
-  if (lda < 0) return {};
-  const int64_t k = w.size(1), n = w.size(0), m = x.numel() / std::max<int64_t>(k, 1);
-  if (m == 0 || k == 0) return {};
+  const int64_t k = w.size(1), m = x.numel() / std::max<int64_t>(k, 1);
+  if (lda < 0 || m == 0 || k == 0 || w.size(0) == 0) return {};
+  return {dt, m, k, lda};
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const WeightProduct p = weight_product(x, w, bias);
+  if (p.dt == dnnl::memory::data_type::undef) return {};
+  const auto dt = p.dt;
+  const int64_t k = p.k, n = w.size(0), m = p.m, lda = p.lda;
   const std::vector<int64_t> key{1, m, k, n, lda, bias.defined() ? 1 : 0, static_cast<int64_t>(dt)};
   const Entry e = cache().get(key, [&] {
     Entry r;
@@ -202,24 +223,26 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
 }
 
 at::Tensor geglu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  const auto dt = product_dtype(x, w, bias);
-  if (!enabled() || dt == dnnl::memory::data_type::undef || !bias.defined() || under_autograd({&x, &w, &bias}) ||
-      w.dim() != 2 || !w.is_contiguous() || w.size(0) % 2 != 0 || x.size(-1) != w.size(1) || bias.dim() != 1 ||
-      bias.size(0) != w.size(0) || !bias.is_contiguous()) {
-    return {};
-  }
-  const int64_t lda = uniform_row_stride(x);
-  if (lda < 0) return {};
-  const int64_t k = w.size(1), n = w.size(0) / 2, m = x.numel() / std::max<int64_t>(k, 1);
-  if (m == 0 || k == 0 || n == 0) return {};
-  // One half's product [m, k]·[k, n] with w's rows as the columns of a column-major [k, n] (no copy), then `ops`.
-  auto make = [&](int64_t kind, const dnnl::post_ops& ops) {
-    return cache().get({kind, m, k, n, lda, static_cast<int64_t>(dt)}, [&] {
+  if (!bias.defined() || w.dim() != 2 || w.size(0) % 2 != 0) return {};
+  const WeightProduct p = weight_product(x, w, bias);
+  if (p.dt == dnnl::memory::data_type::undef) return {};
+  const auto dt = p.dt;
+  const int64_t k = p.k, n = w.size(0) / 2, m = p.m;
+  // One half's product [m, k]·[k, n] with w's rows as the columns of a column-major [k, n] (no copy), then the
+  // gate's gelu or the multiply by the gate.
+  auto make = [&](bool gate) {
+    return cache().get({gate ? 6 : 7, m, k, n, p.lda, static_cast<int64_t>(dt)}, [&] {
       Entry r;
-      r.src = md(dims{m, k}, dt, dims{lda, 1});
+      r.src = md(dims{m, k}, dt, dims{p.lda, 1});
       r.weights = md(dims{k, n}, dt, dims{1, k});
       r.bias = md(dims{1, n}, dt, dims{n, 1});
       r.dst = md(dims{m, n}, dt, dims{n, 1});
+      dnnl::post_ops ops;
+      if (gate) {
+        ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_erf, 0.0f, 0.0f);
+      } else {
+        ops.append_binary(dnnl::algorithm::binary_mul, r.dst);
+      }
       dnnl::primitive_attr attr;
       attr.set_post_ops(ops);
       const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(r.src, r.weights, r.bias, r.dst), attr, cpu_engine());
@@ -228,32 +251,20 @@ at::Tensor geglu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bia
       return r;
     });
   };
-  dnnl::post_ops gelu_ops, mul_ops;
-  gelu_ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_erf, 0.0f, 0.0f);
-  mul_ops.append_binary(dnnl::algorithm::binary_mul, md(dims{m, n}, dt, dims{n, 1}));
-  const Entry gate_e = make(6, gelu_ops);
+  const Entry gate_e = make(true);
   if (!gate_e.usable) return {};
-  const Entry value_e = make(7, mul_ops);
+  const Entry value_e = make(false);
   if (!value_e.usable) return {};
   RECORD_FUNCTION("stylealigned::geglu", std::vector<c10::IValue>());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   at::Tensor gate = at::empty(shape, x.options());
   at::Tensor y = at::empty(shape, x.options());
-  const size_t elem = x.element_size();
+  const int64_t elem = x.element_size();
   char* w_ptr = static_cast<char*>(w.data_ptr());
   char* b_ptr = static_cast<char*>(bias.data_ptr());
   execute(gate_e, x.data_ptr(), w_ptr + n * k * elem, b_ptr + n * elem, gate.data_ptr());
-  auto& engine = cpu_engine();
-  dnnl::memory src_m(value_e.src, engine, x.data_ptr()), weights_m(value_e.weights, engine, w_ptr),
-      bias_m(value_e.bias, engine, b_ptr), dst_m(value_e.dst, engine, y.data_ptr()),
-      gate_m(value_e.dst, engine, gate.data_ptr());
-  value_e.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, src_m},
-                                           {DNNL_ARG_WEIGHTS, weights_m},
-                                           {DNNL_ARG_BIAS, bias_m},
-                                           {DNNL_ARG_DST, dst_m},
-                                           {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, gate_m}});
-  cpu_stream().wait();
+  execute(value_e, x.data_ptr(), w_ptr, b_ptr, y.data_ptr(), gate.data_ptr());
   return y;
 }
 
